@@ -1,0 +1,165 @@
+"""Shard streams over real Fashion-MNIST images: views, splitting, seeding, errors."""
+
+import gzip
+import io
+import tarfile
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from nrd_dist.data.augment import TrainViews, build_policy
+from nrd_dist.data.noise import apply_noise
+from nrd_dist.data.shards import ShardError, ShardStream, expand_urls, make_loader, set_epoch
+from nrd_dist.data.writer import ShardWriter
+
+FMNIST = "/usr/share/datasets/fashion-mnist"
+PER_SHARD = 30
+NUM_SHARDS = 3
+
+
+def fmnist_test_images(n):
+    with gzip.open(f"{FMNIST}/t10k-images-idx3-ubyte.gz") as f:
+        images = np.frombuffer(f.read()[16:], dtype=np.uint8).reshape(-1, 28, 28)[:n]
+    with gzip.open(f"{FMNIST}/t10k-labels-idx1-ubyte.gz") as f:
+        labels = np.frombuffer(f.read()[8:], dtype=np.uint8)[:n].astype(int)
+    return images, labels
+
+
+def png(array):
+    buf = io.BytesIO()
+    Image.fromarray(array).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+@pytest.fixture(scope="module")
+def shards(tmp_path_factory):
+    out = tmp_path_factory.mktemp("shards")
+    images, clean = fmnist_test_images(PER_SHARD * NUM_SHARDS)
+    noisy = (clean + 1) % 10  # a visible, known training label
+    writer = ShardWriter(out, "train", PER_SHARD)
+    for i in range(len(images)):
+        writer.write(f"s{i:04d}", {"png": png(images[i]), "cls": str(noisy[i]).encode(),
+                                   "clean.cls": str(clean[i]).encode()})
+    writer.close()
+    pattern = str(out / "train-{000000..000002}.tar")
+    return {"dir": out, "pattern": pattern, "images": images, "clean": clean, "noisy": noisy}
+
+
+def stream(shards, **kw):
+    policy = build_policy("fmnist")
+    train = kw.pop("train", True)
+    transform = TrainViews(policy, kw.pop("with_teacher", True)) if train else policy.eval
+    return ShardStream(expand_urls(shards["pattern"]), transform, num_classes=10, channels=1,
+                       seed=kw.pop("seed", 0), train=train, **kw)
+
+
+def collect(loader):
+    batches = list(loader)
+    keys = [k for b in batches for k in b["key"]]
+    return batches, keys
+
+
+def test_batches_carry_both_views_labels_and_keys(shards):
+    loader = make_loader(stream(shards, shuffle_buffer=16), batch_size=8, workers=0, drop_last=False)
+    set_epoch(loader, 0)
+    batches, keys = collect(loader)
+    b = batches[0]
+    assert b["student"].shape == (8, 1, 28, 28) and b["student"].dtype == torch.float32
+    assert b["teacher"].shape == (8, 1, 28, 28)
+    assert not torch.equal(b["student"], b["teacher"])  # different augmentations, same images
+    index = [int(k[1:]) for k in b["key"]]
+    assert b["label"].tolist() == shards["noisy"][index].tolist()
+    assert b["clean_label"].tolist() == shards["clean"][index].tolist()
+    assert sorted(keys) == [f"s{i:04d}" for i in range(PER_SHARD * NUM_SHARDS)]
+
+
+def test_no_teacher_view_for_baselines(shards):
+    loader = make_loader(stream(shards, with_teacher=False), batch_size=10, workers=0)
+    set_epoch(loader, 0)
+    batch = next(iter(loader))
+    assert "teacher" not in batch and batch["student"].shape[0] == 10
+
+
+def test_workers_each_sample_once_and_seeded_order(shards):
+    loader = make_loader(stream(shards, shuffle_buffer=20, seed=7), batch_size=5, workers=2, drop_last=False)
+    orders = []
+    for epoch in (0, 0, 1):
+        set_epoch(loader, epoch)
+        batches, keys = collect(loader)
+        assert sorted(keys) == sorted(set(keys)) and len(keys) == PER_SHARD * NUM_SHARDS
+        orders.append((keys, batches[0]["student"]))
+    assert orders[0][0] == orders[1][0]  # same (seed, epoch): same order ...
+    assert torch.equal(orders[0][1], orders[1][1])  # ... and same augmentations in the workers
+    assert orders[0][0] != orders[2][0]  # next epoch: a different order
+    other_seed = make_loader(stream(shards, shuffle_buffer=20, seed=8), batch_size=5, workers=2, drop_last=False)
+    set_epoch(other_seed, 0)
+    assert collect(other_seed)[1] != orders[0][0]
+
+
+def test_ranks_partition_the_shards(shards):
+    seen = []
+    for rank in (0, 1):
+        loader = make_loader(stream(shards, rank=rank, world_size=2, seed=3), batch_size=4, workers=0,
+                             drop_last=False)
+        set_epoch(loader, 2)
+        seen.append(set(collect(loader)[1]))
+    assert not seen[0] & seen[1]
+    assert len(seen[0] | seen[1]) == PER_SHARD * NUM_SHARDS
+
+
+def test_eval_stream_fixed_order_single_view(shards):
+    loader = make_loader(stream(shards, train=False), batch_size=16, workers=0, drop_last=False)
+    batches, keys = collect(loader)
+    assert keys == [f"s{i:04d}" for i in range(PER_SHARD * NUM_SHARDS)]
+    first = batches[0]["image"][0, 0]
+    expected = (torch.tensor(shards["images"][0]).float() / 255 - 0.2860) / 0.3530
+    torch.testing.assert_close(first, expected)
+
+
+def test_load_time_noise_is_keyed_on_the_clean_label(shards):
+    spec = {"type": "symmetric", "rate": 0.5, "seed": 11}
+    loader = make_loader(stream(shards, train=False, noise=spec), batch_size=100, workers=0, drop_last=False)
+    batch = next(iter(loader))
+    keys = batch["key"]
+    clean = shards["clean"][[int(k[1:]) for k in keys]]
+    assert batch["clean_label"].tolist() == clean.tolist()
+    assert batch["label"].tolist() == apply_noise(keys, clean, spec, 10).tolist()
+    assert (batch["label"].numpy() != clean).any()
+
+
+def test_missing_pattern_and_empty_shards(tmp_path, shards):
+    with pytest.raises(ShardError, match=r"no shard matches '.*nothing-\*\.tar'"):
+        expand_urls(str(tmp_path / "nothing-*.tar"))
+    with pytest.raises(ShardError, match=r"train-000003\.tar' does not exist"):
+        expand_urls(str(shards["dir"] / "train-{000002..000009}.tar"))
+    empty = tmp_path / "empty-000000.tar"
+    empty.write_bytes(b"")
+    with pytest.raises(ShardError, match="is empty"):
+        expand_urls(str(empty))
+    no_samples = tmp_path / "none-000000.tar"
+    tarfile.open(no_samples, "w").close()
+    s = ShardStream([str(no_samples)], build_policy("fmnist").eval, 10, channels=1, train=False)
+    with pytest.raises(ShardError, match="none-000000.tar' holds no samples"):
+        list(s)
+    assert expand_urls(str(shards["dir"] / "train-*.tar")) == sorted(
+        str(p) for p in shards["dir"].glob("train-*.tar"))
+
+
+def test_bad_samples_name_key_and_shard(tmp_path):
+    images, _ = fmnist_test_images(1)
+    cases = {
+        "nolabel": ({"png": png(images[0])}, "has no .cls label"),
+        "noimage": ({"cls": b"1"}, "has no image"),
+        "badlabel": ({"png": png(images[0]), "cls": b"12"}, "label 12 is out of range"),
+        "corrupt": ({"png": b"not a png", "cls": b"1"}, "cannot be decoded"),
+    }
+    for name, (fields, message) in cases.items():
+        writer = ShardWriter(tmp_path, name, 10)
+        writer.write("k0", fields)
+        writer.close()
+        s = ShardStream([str(tmp_path / f"{name}-000000.tar")], build_policy("fmnist").eval, 10,
+                        channels=1, train=False)
+        with pytest.raises(ShardError, match=f"'k0' in .*{name}-000000.tar.*{message}"):
+            list(s)
