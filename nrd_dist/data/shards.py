@@ -1,0 +1,236 @@
+"""WebDataset shard streams: (student view, teacher view, label, clean label, key) batches.
+
+Shards follow DESIGN.md section 3: ``{prefix}-{000000..N}.tar``, one sample per key,
+the image as ``.jpg``/``.png``, the training label as ``.cls`` and, when known, the
+clean label as ``.clean.cls``.
+
+Randomness is a function of ``(seed, epoch, rank, worker)``: the shard order comes from
+``(seed, epoch)`` (identical on every rank, so the split is a partition), the sample
+shuffle buffer from ``(seed, epoch, rank, worker)``. A batch is a dict::
+
+    {"student": float [B, C, S, S], "teacher": float [B, C, S, S] (training with a teacher),
+     "label": int64 [B], "clean_label": int64 [B] (-1 where unknown), "key": list[str]}
+"""
+
+from __future__ import annotations
+
+import glob
+import hashlib
+import os
+import random
+import warnings
+from typing import Any, Callable, Iterator, Optional, Sequence, Union
+from urllib.parse import urlparse
+
+import torch
+import webdataset as wds
+from braceexpand import braceexpand
+from torch.utils.data import DataLoader, IterableDataset
+from torchvision.io import ImageReadMode, decode_image
+
+from nrd_dist.data.noise import apply_noise
+
+IMAGE_EXTENSIONS = ("png", "jpg", "jpeg", "webp")
+
+# torchvision 0.29 (pinned) warns that its decoders will move to torchcodec; they are
+# still the fastest uint8 decoders available here, and one warning per sample is noise.
+warnings.filterwarnings("ignore", message="The image decoding and encoding capabilities of TorchVision")
+
+
+class ShardError(ValueError):
+    """A problem with the shards themselves; the message names the URL or sample key."""
+
+
+def mix_seed(*parts: Any) -> int:
+    """A 63-bit seed from any parts, stable across processes and Python runs
+    (unlike ``hash()``, which is salted per process for strings)."""
+    digest = hashlib.blake2b(repr(parts).encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") >> 1
+
+
+def expand_urls(spec: Union[str, Sequence[str]], what: str = "data.train") -> list[str]:
+    """Expand brace patterns (``train-{000000..000009}.tar``), lists and local globs into
+    a list of shard URLs; local shards are checked to exist and be non-empty."""
+    patterns = [spec] if isinstance(spec, str) else list(spec)
+    if not patterns or not all(patterns):
+        raise ShardError(f"{what}: no shard URL given")
+    urls: list[str] = []
+    for pattern in patterns:
+        for url in braceexpand(pattern):
+            path = _local_path(url)
+            if path is not None and glob.has_magic(path):
+                matches = sorted(glob.glob(path))
+                if not matches:
+                    raise ShardError(f"{what}: no shard matches {pattern!r}")
+                urls.extend(matches)
+            else:
+                urls.append(url)
+    for url in urls:
+        path = _local_path(url)
+        if path is None:
+            continue
+        if not os.path.isfile(path):
+            raise ShardError(f"{what}: shard {url!r} does not exist (from pattern {patterns!r})")
+        if os.path.getsize(path) == 0:
+            raise ShardError(f"{what}: shard {url!r} is empty (0 bytes)")
+    return urls
+
+
+def _local_path(url: str) -> Optional[str]:
+    parsed = urlparse(url)
+    if parsed.scheme in ("", "file"):
+        return parsed.path if parsed.scheme == "file" else url
+    if len(parsed.scheme) == 1:  # a Windows drive letter, not a scheme
+        return url
+    return None
+
+
+def decode_sample(sample: dict[str, Any], channels: int) -> tuple[torch.Tensor, int, int]:
+    """(uint8 image [C, H, W], training label, clean label or -1) of a raw tar sample."""
+    key, url = sample.get("__key__"), sample.get("__url__")
+    image_bytes = next((sample[e] for e in IMAGE_EXTENSIONS if e in sample), None)
+    if image_bytes is None:
+        raise ShardError(f"sample {key!r} in {url!r} has no image ({'/'.join(IMAGE_EXTENSIONS)}); "
+                         f"it has: {sorted(k for k in sample if not k.startswith('__'))}")
+    if "cls" not in sample:
+        raise ShardError(f"sample {key!r} in {url!r} has no .cls label")
+    mode = ImageReadMode.GRAY if channels == 1 else ImageReadMode.RGB
+    try:
+        image = decode_image(torch.frombuffer(bytearray(image_bytes), dtype=torch.uint8), mode=mode)
+        label = int(sample["cls"])
+        clean = int(sample["clean.cls"]) if "clean.cls" in sample else -1
+    except (RuntimeError, ValueError) as err:
+        raise ShardError(f"sample {key!r} in {url!r} cannot be decoded: {err}") from None
+    return image, label, clean
+
+
+class ShardStream(IterableDataset):
+    """Samples from webdataset shards, split by rank and DataLoader worker.
+
+    Args:
+        urls: shard URLs (see :func:`expand_urls`).
+        transform: decoded uint8 image -> ``(student_view, teacher_view or None)`` for
+            training, or -> one tensor for evaluation (``train=False``).
+        num_classes: labels must lie in ``[0, num_classes)``.
+        channels: 1 (grey) or 3 (RGB) decoding.
+        seed: ``run.seed``; with :meth:`set_epoch` it fixes all data randomness.
+        train: shuffle shards and samples, produce two views; else a fixed order.
+        shuffle_buffer: samples per worker held for shuffling (0: no sample shuffle).
+        noise: load-time label noise spec (``data.noise``), or None.
+        rank, world_size: this process's place among the data-parallel ranks.
+    """
+
+    def __init__(self, urls: Sequence[str], transform: Callable, num_classes: int, channels: int = 3,
+                 seed: int = 0, train: bool = True, shuffle_buffer: int = 1000,
+                 noise: Any = None, rank: int = 0, world_size: int = 1):
+        super().__init__()
+        if not urls:
+            raise ShardError("no shard URLs")
+        self.urls = list(urls)
+        self.transform = transform
+        self.num_classes = num_classes
+        self.channels = channels
+        self.seed = seed
+        self.train = train
+        self.shuffle_buffer = shuffle_buffer if train else 0
+        self.noise = noise
+        self.rank = rank
+        self.world_size = world_size
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        """Call before iterating each epoch (workers receive a copy of this state)."""
+        self.epoch = epoch
+
+    def shards_for(self, worker: int, num_workers: int) -> list[str]:
+        """The shards of one (rank, worker) slot this epoch."""
+        shards = list(self.urls)
+        if self.train:
+            random.Random(mix_seed("shards", self.seed, self.epoch)).shuffle(shards)
+        slot = self.rank * num_workers + worker
+        return shards[slot::self.world_size * num_workers]
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        info = torch.utils.data.get_worker_info()
+        worker, num_workers = (info.id, info.num_workers) if info else (0, 1)
+        rng = random.Random(mix_seed("samples", self.seed, self.epoch, self.rank, worker))
+        samples = (self._prepare(s) for s in self._raw_samples(self.shards_for(worker, num_workers)))
+        if self.shuffle_buffer > 1:
+            samples = _shuffled(samples, self.shuffle_buffer, rng)
+        for sample in samples:
+            yield self._finish(sample)
+
+    def _raw_samples(self, shards: list[str]) -> Iterator[dict[str, Any]]:
+        for url in shards:
+            count = 0
+            for sample in wds.tarfile_to_samples()(iter([{"url": url}])):
+                count += 1
+                yield sample
+            if count == 0:
+                raise ShardError(f"shard {url!r} holds no samples")
+
+    def _prepare(self, raw: dict[str, Any]) -> dict[str, Any]:
+        """Decode only: cheap enough to run before the shuffle buffer, and keeps the buffer
+        holding compact uint8 images instead of float views."""
+        image, label, clean = decode_sample(raw, self.channels)
+        key = raw["__key__"]
+        for name, value in (("label", label), ("clean label", clean)):
+            if value >= self.num_classes or value < (-1 if name == "clean label" else 0):
+                raise ShardError(f"sample {key!r} in {raw.get('__url__')!r}: {name} {value} is out of "
+                                 f"range for data.num_classes={self.num_classes}")
+        if self.noise is not None:
+            # Load-time noise keys on the clean label when the shard has one, so noise
+            # baked in by tools/ and noise applied here agree sample for sample.
+            base = clean if clean >= 0 else label
+            label = int(apply_noise([key], [base], self.noise, self.num_classes)[0])
+            clean = base
+        return {"image": image, "label": label, "clean_label": clean, "key": key}
+
+    def _finish(self, sample: dict[str, Any]) -> dict[str, Any]:
+        out = {"label": sample["label"], "clean_label": sample["clean_label"], "key": sample["key"]}
+        if self.train:
+            student_view, teacher_view = self.transform(sample["image"])
+            out["student"] = student_view
+            if teacher_view is not None:
+                out["teacher"] = teacher_view
+        else:
+            out["image"] = self.transform(sample["image"])
+        return out
+
+
+def _shuffled(samples: Iterator[Any], size: int, rng: random.Random) -> Iterator[Any]:
+    """A seeded shuffle buffer: once full, each incoming sample swaps with a random slot."""
+    buffer: list[Any] = []
+    for sample in samples:
+        if len(buffer) < size:
+            buffer.append(sample)
+            continue
+        i = rng.randrange(size)
+        buffer[i], sample = sample, buffer[i]
+        yield sample
+    rng.shuffle(buffer)
+    yield from buffer
+
+
+def make_loader(stream: ShardStream, batch_size: int, workers: int, drop_last: bool = True,
+                pin_memory: bool = False) -> DataLoader:
+    """A DataLoader over ``stream``; call :func:`set_epoch` before each epoch."""
+    return DataLoader(
+        stream,
+        batch_size=batch_size,
+        num_workers=workers,
+        drop_last=drop_last,
+        pin_memory=pin_memory,
+        # Workers' torch/random/numpy seeds derive from this generator (see set_epoch).
+        generator=torch.Generator().manual_seed(mix_seed("workers", stream.seed, 0, stream.rank)),
+        prefetch_factor=4 if workers > 0 else None,
+    )
+
+
+def set_epoch(loader: DataLoader, epoch: int) -> None:
+    """Fix all of the next epoch's data randomness to ``(seed, epoch, rank)``: shard order,
+    shuffle buffers and the workers' augmentation seeds (derived by the DataLoader from
+    its generator), however many epochs ran before in this process."""
+    stream: ShardStream = loader.dataset  # type: ignore[assignment]
+    stream.set_epoch(epoch)
+    loader.generator.manual_seed(mix_seed("workers", stream.seed, epoch, stream.rank))
