@@ -30,9 +30,13 @@ fmnist-data:
 test: setup
 	$(PY) -m pytest -q tests
 
+# The demo: real Fashion-MNIST shards (clean labels; the config adds seeded 40% symmetric
+# noise at load time), NRD training, the clean test top-1 printed at the end.
+DEMO_DATA := data/fmnist
 demo: setup
-	@echo "make demo arrives with the training-run issue (#3): the training loop is not built yet." >&2
-	@exit 1
+	@if [ ! -f $(DEMO_DATA)/train/manifest.json ] || [ ! -f $(DEMO_DATA)/test/manifest.json ]; then \
+		$(PY) tools/make_shards.py fashion-mnist --out $(DEMO_DATA) --force --quiet; fi
+	$(PY) -m nrd_dist.train configs/fmnist_demo.yaml $(ARGS)
 
 clean:
 	rm -rf $(VENV) build *.egg-info

@@ -145,23 +145,38 @@ class ModelConfig:
 
 @dataclass
 class LossConfig:
-    """Loss name and its parameters; parameters left null take the loss's defaults."""
+    """Loss name and its parameters; parameters left null take the loss's defaults.
+
+    Parameters the chosen loss does not take are ignored (and listed by
+    :meth:`ignored_params`, which the run logs), so ``loss.name=ce`` reruns an NRD config
+    as its CE baseline with everything else unchanged.
+    """
 
     name: str = "nrd"
-    pi: Optional[list[float]] = None  # nrd, ce_nrd: [label, student, teacher]; js, gjs: [label, views...]
+    pi: Optional[list[float]] = field(default_factory=lambda: [0.1, 0.8, 0.1])  # nrd: [label, student, teacher]
     scale: Optional[bool] = None  # GJS scaling -1/((1-pi1) log(1-pi1))
     q: Optional[float] = None  # gce
     alpha: Optional[float] = None  # sce, nce_rce
     beta: Optional[float] = None  # sce, nce_rce, bs
     epsilon: Optional[float] = None  # ls
 
+    _PARAMS = ("pi", "scale", "q", "alpha", "beta", "epsilon")
+
+    def accepted_params(self) -> list[str]:
+        from nrd_dist.losses import LOSSES
+
+        return [n for n in inspect.signature(LOSSES[self.name]).parameters if n in self._PARAMS]
+
     def params(self) -> dict[str, Any]:
-        """The parameters set in the config, as keyword arguments for ``build_loss``."""
-        names = ("pi", "scale", "q", "alpha", "beta", "epsilon")
-        return {n: getattr(self, n) for n in names if getattr(self, n) is not None}
+        """The parameters set in the config that the loss takes, for ``build_loss``."""
+        return {n: getattr(self, n) for n in self.accepted_params() if getattr(self, n) is not None}
+
+    def ignored_params(self) -> list[str]:
+        accepted = self.accepted_params()
+        return [n for n in self._PARAMS if getattr(self, n) is not None and n not in accepted]
 
     def validate(self, path: str) -> None:
-        from nrd_dist.losses import LOSSES
+        from nrd_dist.losses import LOSSES, build_loss
 
         if self.name not in LOSSES:
             raise ConfigError(f"{path}.name: unknown loss {self.name!r}{_suggest(self.name, LOSSES)}; "
@@ -174,12 +189,14 @@ class LossConfig:
             raise ConfigError(f"{path}.q: must lie in (0, 1], got {self.q}")
         if self.epsilon is not None and not 0.0 <= self.epsilon <= 1.0:
             raise ConfigError(f"{path}.epsilon: must lie in [0, 1], got {self.epsilon}")
-        # Parameters the chosen loss does not take are errors here, not at step 0.
-        accepted = [n for n in inspect.signature(LOSSES[self.name]).parameters if n != "self"]
-        for name in self.params():
-            if name not in accepted:
-                raise ConfigError(f"{path}.{name}: loss {self.name!r} takes no parameter {name!r}; "
-                                  f"it takes: {', '.join(accepted) or 'none'}")
+        signature = inspect.signature(LOSSES[self.name]).parameters
+        for name in self.accepted_params():
+            if signature[name].default is inspect.Parameter.empty and getattr(self, name) is None:
+                raise ConfigError(f"{path}.{name}: loss {self.name!r} needs {name!r} (no default)")
+        try:  # the loss itself is the judge of the rest (pi's length, ...)
+            build_loss(self.name, **self.params())
+        except (TypeError, ValueError) as err:
+            raise ConfigError(f"{path}: {err}") from None
 
 
 @dataclass
@@ -252,9 +269,18 @@ class EngineConfig:
 @dataclass
 class EvalConfig:
     every_epochs: int = 1
+    batch_size: Optional[int] = None  # per rank; null: 2 x data.batch_size
+    # Label-correction analysis at the end (training shards with clean labels only):
+    label_correction_samples: int = 2000  # training samples analysed (0: skip)
+    label_correction_views: int = 4  # K AugMix teacher views averaged per sample
 
     def validate(self, path: str) -> None:
         _positive(f"{path}.every_epochs", self.every_epochs)
+        if self.batch_size is not None:
+            _positive(f"{path}.batch_size", self.batch_size)
+        if self.label_correction_samples < 0:
+            raise ConfigError(f"{path}.label_correction_samples: must be >= 0, got {self.label_correction_samples}")
+        _positive(f"{path}.label_correction_views", self.label_correction_views)
 
 
 @dataclass

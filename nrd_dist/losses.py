@@ -347,6 +347,11 @@ class GJSLoss(NoiseRobustLoss):
         self.scale = _check_bool(scale, "gjs: scale")
         self.factor = gjs_scale(self.pi[0]) if self.scale else 1.0
 
+    @property
+    def num_views(self) -> int:
+        """Student views per sample the train loop must build (``len(pi) - 1``)."""
+        return len(self.pi) - 1
+
     def compute(self, student_logits, target, teacher_probs):
         views = len(self.pi) - 1
         if len(student_logits) != views:

@@ -71,7 +71,8 @@ def test_int_is_accepted_for_float_and_list_for_train():
     ("engine.precision=bf15", "engine.precision: invalid value 'bf15'"),
     ("engine.zero_stage=4", "engine.zero_stage: must be 0, 1, 2 or 3"),
     ("loss.name=nrdd", "loss.name: unknown loss 'nrdd' (did you mean 'nrd'?)"),
-    ("loss.q=0.7", "loss.q: loss 'nrd' takes no parameter 'q'"),
+    ("loss.pi=[0.5, 0.5]", "loss: "),
+    ("loss.pi=null", "loss.pi: loss 'nrd' needs 'pi' (no default)"),
     ("model.arch=resnet5", "model.arch: unknown model 'resnet5'"),
     ("data.batch_size=0", "data.batch_size: must be > 0"),
     ("teacher.decay=1.5", "teacher.decay: must lie in [0, 1]"),
@@ -108,6 +109,13 @@ def test_missing_or_invalid_file(tmp_path):
     bad.write_text("loss: [unclosed")
     with pytest.raises(ConfigError, match="not valid YAML"):
         load_config(bad)
+
+
+def test_params_the_loss_does_not_take_are_ignored_and_listed():
+    cfg = load_config(None, ["loss.name=ce"])  # the default pi stays, unused
+    assert cfg.loss.params() == {} and cfg.loss.ignored_params() == ["pi"]
+    cfg = load_config(None, ["loss.name=gjs", "loss.pi=[0.5, 0.25, 0.25]", "loss.q=0.3"])
+    assert cfg.loss.params() == {"pi": [0.5, 0.25, 0.25]} and cfg.loss.ignored_params() == ["q"]
 
 
 def test_loss_params_reach_build_loss():

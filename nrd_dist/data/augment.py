@@ -99,17 +99,23 @@ def build_policy(name: str, image_size: Optional[int] = None, resize_size: int =
 
 
 class TrainViews:
-    """Both training views from one decoded image: ``(student_view, teacher_view)``.
+    """All training views from one decoded image: ``(student_view, teacher_view)``.
 
-    With ``with_teacher=False`` (baselines without a teacher) the teacher view is not
-    built at all and ``None`` is returned in its place.
+    ``student_views > 1`` (multi-view losses such as GJS) returns a tuple of that many
+    independently augmented student views in place of one. With ``with_teacher=False``
+    (baselines without a teacher) the teacher view is not built at all and ``None`` is
+    returned in its place.
     """
 
-    def __init__(self, policy: Policy, with_teacher: bool = True):
+    def __init__(self, policy: Policy, with_teacher: bool = True, student_views: int = 1):
         self.policy = policy
         self.with_teacher = with_teacher
+        self.student_views = student_views
 
-    def __call__(self, image: torch.Tensor) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
-        student_view = self.policy.student(image)
+    def __call__(self, image: torch.Tensor):
+        if self.student_views == 1:
+            student_view = self.policy.student(image)
+        else:
+            student_view = tuple(self.policy.student(image) for _ in range(self.student_views))
         teacher_view = self.policy.teacher(image) if self.with_teacher else None
         return student_view, teacher_view

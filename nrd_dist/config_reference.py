@@ -1,0 +1,107 @@
+"""The config reference: every key, its default and its meaning, as a markdown table.
+
+``python -m nrd_dist.config_reference`` prints it; the README embeds the output between
+markers and a test checks that both agree with the schema, so the docs cannot drift.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import typing
+
+from nrd_dist.config import Config
+
+HELP = {
+    "run.output_dir": "run folder: config.yaml, metrics.jsonl, tensorboard/, plots, summary.json",
+    "run.seed": "seed of everything: init, data order, augmentations (with the epoch, rank, worker)",
+    "data.train": "training shards: URL, brace pattern (`train-{000000..000011}.tar`), glob or list",
+    "data.val": "clean validation sets: name -> shard URL/pattern; each is evaluated",
+    "data.num_classes": "number of classes; labels must lie in [0, num_classes)",
+    "data.batch_size": "samples per step per rank (the global batch is this x world size)",
+    "data.workers": "DataLoader worker processes per rank",
+    "data.shuffle_buffer": "samples per worker held in the seeded shuffle buffer (0: shard order only)",
+    "data.samples_per_epoch": "samples in one epoch; null: counted from the manifest.json beside the shards",
+    "data.noise.type": "load-time label noise: none, symmetric (over all classes), symmetric_exclusive, "
+                       "asymmetric, matrix",
+    "data.noise.rate": "noise rate eta in [0, 1]",
+    "data.noise.seed": "noise seed; with the sample key and clean label it fixes each noisy label",
+    "data.noise.map": "asymmetric: cifar10, cifar100 or an explicit {from: to} class map",
+    "data.noise.matrix": "matrix: a row-stochastic num_classes x num_classes transition matrix",
+    "data.augment.policy": "view policy: fmnist (28 px grey), cifar (32 px), imagenet (WebVision/ImageNet)",
+    "data.augment.image_size": "crop size of every view in pixels; null: 28 / 32 / 224 by policy",
+    "data.augment.resize_size": "eval resize before the centre crop (imagenet policy)",
+    "data.augment.cutout": "Cutout square side in pixels (cifar student view); 0 disables it",
+    "data.storage": "fsspec storage options for remote shards (endpoint_url, profile, anon, ...)",
+    "model.arch": "small_cnn, preact_resnet18, preact_resnet34 or resnet50 (random init)",
+    "model.in_channels": "input channels: 1 for grey images, 3 for RGB",
+    "loss.name": "nrd, ce_nrd, ce, bs, ls, sce, gce, nce_rce, js or gjs",
+    "loss.pi": "JSD weights on the simplex: nrd/ce_nrd [label, student, teacher]; js/gjs [label, views...]",
+    "loss.scale": "multiply by the GJS scale -1/((1-pi1) log(1-pi1)); null: the loss's default",
+    "loss.q": "gce: q in (0, 1] (1: MAE-like, -> 0: CE)",
+    "loss.alpha": "sce, nce_rce: weight of the first term",
+    "loss.beta": "sce, nce_rce: weight of the reverse CE; bs: weight of the given label",
+    "loss.epsilon": "ls: label smoothing",
+    "teacher.decay": "EMA decay beta (paper: 0.99)",
+    "teacher.warmup_steps": "the first updates copy the student instead of averaging",
+    "teacher.every": "update the teacher every this many optimizer steps",
+    "teacher.bn": "teacher BatchNorm: eval (running statistics) or batch (batch statistics)",
+    "teacher.verify_every": "cross-rank teacher checksum every this many steps (0: never)",
+    "optim.name": "optimizer (SGD)",
+    "optim.lr": "peak learning rate",
+    "optim.momentum": "SGD momentum",
+    "optim.nesterov": "Nesterov momentum",
+    "optim.weight_decay": "L2 weight decay",
+    "optim.epochs": "training epochs",
+    "optim.schedule": "multistep, cosine, step_gamma (gamma per epoch) or constant",
+    "optim.milestones": "multistep: epochs (>= 1) or fractions of the run (< 1)",
+    "optim.gamma": "decay factor at each milestone, or per epoch for step_gamma",
+    "optim.warmup_epochs": "linear learning-rate warm-up, in epochs (fractions allowed)",
+    "optim.clip_grad_norm": "clip the global gradient norm to this value; null: no clipping",
+    "engine.backend": "ddp (torchrun or one process) or deepspeed",
+    "engine.zero_stage": "DeepSpeed ZeRO stage 0-3",
+    "engine.precision": "auto (bf16 on GPU, fp32 on CPU), fp32, bf16 or fp16 (GPU, with loss scaling)",
+    "engine.sync_bn": "SyncBatchNorm for the student under DDP",
+    "engine.grad_accum_steps": "gradient accumulation steps",
+    "eval.every_epochs": "evaluate on data.val every this many epochs (and after the last)",
+    "eval.batch_size": "evaluation batch per rank; null: 2 x data.batch_size",
+    "eval.label_correction_samples": "training samples in the final label-correction analysis (0: skip)",
+    "eval.label_correction_views": "K AugMix teacher views averaged per sample in that analysis",
+    "log.every_steps": "log line, metrics.jsonl record and TensorBoard scalars every this many steps",
+    "checkpoint.every_steps": "checkpoint every this many steps (0: epoch ends only)",
+    "checkpoint.keep": "checkpoints kept",
+    "checkpoint.resume": "auto, never or force",
+}
+
+
+def leaf_keys(cls: type = Config, prefix: str = "") -> list[tuple[str, object]]:
+    """(dotted key, default) of every leaf of the schema, in declaration order."""
+    out = []
+    instance = cls()
+    for f in dataclasses.fields(cls):
+        hint = typing.get_type_hints(cls)[f.name]
+        if dataclasses.is_dataclass(hint):
+            out.extend(leaf_keys(hint, f"{prefix}{f.name}."))
+        else:
+            out.append((f"{prefix}{f.name}", getattr(instance, f.name)))
+    return out
+
+
+def _show(value: object) -> str:
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return str(value).lower()
+    if value in ({}, [], ""):
+        return {dict: "{}", list: "[]", str: '""'}[type(value)]
+    return str(value)
+
+
+def render_markdown() -> str:
+    lines = ["| key | default | meaning |", "|---|---|---|"]
+    for key, default in leaf_keys():
+        lines.append(f"| `{key}` | `{_show(default)}` | {HELP[key]} |")
+    return "\n".join(lines) + "\n"
+
+
+if __name__ == "__main__":
+    print(render_markdown(), end="")

@@ -1,0 +1,159 @@
+"""Classification metrics that add up exactly across batches and ranks.
+
+:class:`ClassificationMeter` keeps only sums (top-k hits and, per confidence bin, the
+count, the summed confidence and the summed correctness), so a distributed evaluation
+all-reduces one small tensor and the result is exact: top-1, top-5 and the 15-bin
+expected calibration error (ECE, Guo et al. 2017) as on a single process.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Callable, Optional
+
+import torch
+
+ECE_BINS = 15
+
+
+class ClassificationMeter:
+    """Accumulates top-1/top-5 hits and calibration bins over ``update`` calls."""
+
+    def __init__(self, num_bins: int = ECE_BINS, topk: tuple[int, ...] = (1, 5)):
+        self.num_bins = num_bins
+        self.topk = topk
+        # [hits per k..., count]; bins: [count, sum confidence, sum correct] per bin
+        self.hits = torch.zeros(len(topk) + 1, dtype=torch.float64)
+        self.bins = torch.zeros(3, num_bins, dtype=torch.float64)
+
+    def update(self, probs: torch.Tensor, target: torch.Tensor) -> None:
+        """``probs``: [B, C] probabilities; ``target``: [B] class indices."""
+        probs = probs.detach().float().cpu()
+        target = target.detach().cpu()
+        k_max = min(max(self.topk), probs.shape[1])
+        top = probs.topk(k_max, dim=1).indices
+        match = top == target[:, None]
+        for i, k in enumerate(self.topk):
+            self.hits[i] += match[:, :k].any(dim=1).sum()
+        self.hits[-1] += len(target)
+        confidence, prediction = probs.max(dim=1)
+        correct = (prediction == target).double()
+        # Bin b holds confidences in (b/n, (b+1)/n]; confidence 0 cannot occur for a max.
+        index = (confidence.double() * self.num_bins).ceil().long().clamp(1, self.num_bins) - 1
+        self.bins[0].index_add_(0, index, torch.ones_like(correct))
+        self.bins[1].index_add_(0, index, confidence.double())
+        self.bins[2].index_add_(0, index, correct)
+
+    def state(self) -> torch.Tensor:
+        """All sums as one flat tensor (what a distributed evaluation all-reduces)."""
+        return torch.cat([self.hits, self.bins.flatten()])
+
+    def load_state(self, flat: torch.Tensor) -> None:
+        n = len(self.hits)
+        self.hits = flat[:n].clone()
+        self.bins = flat[n:].reshape(3, self.num_bins).clone()
+
+    def all_reduce(self, reduce_sum: Callable[[torch.Tensor], torch.Tensor]) -> None:
+        self.load_state(reduce_sum(self.state()))
+
+    @property
+    def count(self) -> int:
+        return int(self.hits[-1])
+
+    def compute(self) -> dict[str, float]:
+        """``top1``/``top5`` in percent, ``ece`` in [0, 1], ``count`` samples."""
+        n = max(self.count, 1)
+        out = {f"top{k}": 100.0 * float(self.hits[i]) / n for i, k in enumerate(self.topk)}
+        counts, conf, correct = self.bins
+        out["ece"] = float(((conf - correct).abs()).sum() / n)
+        out["count"] = self.count
+        return out
+
+    def reliability(self) -> dict[str, list[float]]:
+        """Per-bin accuracy, mean confidence and count (for the reliability diagram)."""
+        counts, conf, correct = self.bins
+        safe = counts.clamp_min(1)
+        return {"accuracy": (correct / safe).tolist(), "confidence": (conf / safe).tolist(),
+                "count": counts.tolist()}
+
+
+def reliability_diagram(curves: dict[str, dict], path: Path, title: str = "") -> Path:
+    """Plot per-bin accuracy against confidence for one or more models (PNG).
+
+    ``curves`` maps a label (e.g. ``"student (ECE 3.1%)"``) to :meth:`reliability` output.
+    """
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(4.8, 4.5), dpi=110)
+    ax.plot([0, 1], [0, 1], "k--", lw=1, label="perfect calibration")
+    for label, curve in curves.items():
+        n = len(curve["count"])
+        centres = [(b + 0.5) / n for b in range(n)]
+        points = [(c, a) for c, a, k in zip(curve["confidence"], curve["accuracy"], curve["count"]) if k > 0]
+        ax.bar(centres, curve["accuracy"], width=1.0 / n, alpha=0.35, edgecolor="none")
+        if points:
+            ax.plot(*zip(*points), "o-", ms=3, label=label)
+    ax.set_xlabel("confidence")
+    ax.set_ylabel("accuracy")
+    ax.set_xlim(0, 1)
+    ax.set_ylim(0, 1)
+    ax.set_title(title, fontsize=9)
+    ax.legend(fontsize=7, loc="upper left")
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    return Path(path)
+
+
+def bar_chart(groups: dict[str, dict[str, float]], path: Path, title: str, ylabel: str) -> Path:
+    """Grouped bars: ``groups[group][series] = value`` (used by the label-correction figure)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    series = list(next(iter(groups.values())).keys())
+    fig, ax = plt.subplots(figsize=(6.4, 4.0), dpi=110)
+    width = 0.8 / len(series)
+    for j, name in enumerate(series):
+        xs = [i + (j - (len(series) - 1) / 2) * width for i in range(len(groups))]
+        values = [groups[g][name] for g in groups]
+        bars = ax.bar(xs, values, width=width, label=name)
+        ax.bar_label(bars, fmt="%.1f", fontsize=7)
+    ax.set_xticks(range(len(groups)), list(groups), fontsize=8)
+    ax.set_ylabel(ylabel)
+    ax.set_ylim(0, 105)
+    ax.set_title(title, fontsize=9)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    return Path(path)
+
+
+def line_plot(series: dict[str, list[tuple[float, float]]], path: Path, xlabel: str, ylabel: str,
+              title: str = "") -> Optional[Path]:
+    """Lines ``series[name] = [(x, y), ...]`` (accuracy against epoch)."""
+    if not any(series.values()):
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(5.6, 3.8), dpi=110)
+    for name, points in series.items():
+        if points:
+            ax.plot(*zip(*points), "o-", ms=3, label=name)
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title, fontsize=9)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    return Path(path)

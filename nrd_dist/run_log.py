@@ -1,0 +1,89 @@
+"""Run outputs on rank 0: ``metrics.jsonl``, TensorBoard events, console lines, progress.
+
+Every other rank gets a logger that does nothing, so call sites need no rank checks.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import sys
+import time
+from pathlib import Path
+from typing import Any, Optional
+
+
+class RunLog:
+    def __init__(self, output_dir: Path, enabled: bool):
+        self.enabled = enabled
+        self.output_dir = Path(output_dir)
+        self._metrics = None
+        self._tb = None
+        if enabled:
+            self.output_dir.mkdir(parents=True, exist_ok=True)
+            # Line-buffered: a crash loses at most the line being written. A rerun into the
+            # same folder starts the file afresh (resuming arrives with checkpoints).
+            self._metrics = open(self.output_dir / "metrics.jsonl", "w", buffering=1)
+            from torch.utils.tensorboard import SummaryWriter
+
+            self._tb = SummaryWriter(str(self.output_dir / "tensorboard"))
+
+    def record(self, **fields: Any) -> None:
+        """Append one JSON object to metrics.jsonl and scalar fields to TensorBoard."""
+        if not self.enabled:
+            return
+        fields = {"time": round(time.time(), 3), **fields}
+        self._metrics.write(json.dumps(fields, default=_jsonable) + "\n")
+        step = fields.get("step", 0)
+        for tag, value in _flatten(fields).items():
+            if tag not in ("time", "step", "epoch") and isinstance(value, (int, float)) and math.isfinite(value):
+                self._tb.add_scalar(tag, value, step)
+
+    def info(self, message: str) -> None:
+        if self.enabled:
+            from tqdm import tqdm
+
+            tqdm.write(message, file=sys.stdout)  # keeps an active progress bar intact
+            sys.stdout.flush()
+
+    def progress(self, total: int, desc: str):
+        """A tqdm bar on rank 0 when stderr is a terminal (log files get the log lines
+        only); a no-op object elsewhere."""
+        from tqdm import tqdm
+
+        show = self.enabled and sys.stderr.isatty()
+        return tqdm(total=total, desc=desc, unit="step", dynamic_ncols=True, leave=False,
+                    disable=not show, file=sys.stderr, mininterval=0.5)
+
+    def close(self) -> None:
+        if self._metrics is not None:
+            self._metrics.close()
+        if self._tb is not None:
+            self._tb.close()
+
+
+def _flatten(fields: dict, prefix: str = "") -> dict[str, Any]:
+    flat = {}
+    for key, value in fields.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict):
+            flat.update(_flatten(value, name + "/"))
+        else:
+            flat[name] = value
+    return flat
+
+
+def _jsonable(value: Any) -> Any:
+    if hasattr(value, "item"):
+        return value.item()
+    return str(value)
+
+
+def write_json(path: Path, data: Any, enabled: bool = True) -> Optional[Path]:
+    if not enabled:
+        return None
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(data, indent=2, default=_jsonable) + "\n")
+    tmp.replace(path)
+    return path

@@ -1,0 +1,353 @@
+"""``python -m nrd_dist.train CONFIG [key=value ...]``: train and evaluate one model.
+
+The step (DESIGN.md section 1), per rank::
+
+    x_s, x_t = student view, teacher view (AugMix) of the same images
+    student_logits = f(x_s; theta)                  with gradient
+    teacher_probs  = softmax(f(x_t; theta_ema))     no gradient, eval mode
+    loss = build_loss(...)(student_logits, y, teacher_probs)
+    optimizer step; theta_ema <- lerp(theta_ema, theta, 1 - decay)
+
+Baselines (``loss.name: ce`` ...) build no teacher view, run no teacher forward and keep
+no teacher. Outputs go to ``run.output_dir`` (DESIGN.md section 3): ``config.yaml``,
+``metrics.jsonl``, ``tensorboard/``, PNG plots and ``summary.json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import math
+import random
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+import torch
+
+from nrd_dist.config import Config, ConfigError, dump_config, load_config, to_dict
+from nrd_dist.data.augment import TrainViews, build_policy
+from nrd_dist.data.shards import ShardError, ShardStream, expand_urls, make_loader, set_epoch
+from nrd_dist.data.writer import MANIFEST_NAME
+from nrd_dist.engine import Engine, build_engine
+from nrd_dist.evaluate import evaluate, label_correction
+from nrd_dist.losses import build_loss
+from nrd_dist.metrics import bar_chart, line_plot, reliability_diagram
+from nrd_dist.models import build_model
+from nrd_dist.run_log import RunLog, write_json
+from nrd_dist.schedule import lr_multiplier
+from nrd_dist.teacher import EMATeacher
+
+
+class NonFiniteLossError(RuntimeError):
+    pass
+
+
+# ----------------------------------------------------------------------------- data plan
+
+
+@dataclass
+class DataPlan:
+    """Shard URLs resolved and counted before any model is built."""
+
+    train_urls: list[str]
+    train_samples: int
+    val_urls: dict[str, list[str]]
+
+
+def count_samples(urls: list[str]) -> Optional[int]:
+    """Sum the per-shard counts of the ``manifest.json`` files beside the shards, or None
+    when some shard is not listed in one."""
+    manifests: dict[str, dict[str, int]] = {}
+    total = 0
+    for url in urls:
+        folder, _, name = url.rpartition("/")
+        if folder not in manifests:
+            try:
+                import fsspec
+
+                with fsspec.open(f"{folder}/{MANIFEST_NAME}", "r") as f:
+                    manifests[folder] = {s["name"]: s["count"] for s in json.load(f)["shards"]}
+            except (OSError, ValueError, KeyError):
+                manifests[folder] = {}
+        if name not in manifests[folder]:
+            return None
+        total += manifests[folder][name]
+    return total
+
+
+def plan_data(cfg: Config) -> DataPlan:
+    """Resolve and check every shard URL; raises ShardError/ConfigError naming what is wrong."""
+    if not cfg.data.train:
+        raise ConfigError("data.train: no training shards given (URL, brace pattern or list)")
+    train_urls = expand_urls(cfg.data.train, "data.train")
+    val_urls = {name: expand_urls(url, f"data.val.{name}") for name, url in cfg.data.val.items()}
+    samples = cfg.data.samples_per_epoch or count_samples(train_urls)
+    if samples is None:
+        raise ConfigError(f"data.samples_per_epoch: cannot count the samples of {train_urls[0]!r} "
+                          f"(no {MANIFEST_NAME} beside it lists it); set data.samples_per_epoch")
+    return DataPlan(train_urls, samples, val_urls)
+
+
+# ----------------------------------------------------------------------------- the trainer
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+class Trainer:
+    def __init__(self, cfg: Config, plan: DataPlan, engine: Engine):
+        self.cfg = cfg
+        self.engine = engine
+        self.out = Path(cfg.run.output_dir)
+        self.log = RunLog(self.out, enabled=engine.is_main)
+        seed_everything(cfg.run.seed)
+
+        self.loss_fn = build_loss(cfg.loss.name, **cfg.loss.params())
+        self.student_views = self.loss_fn.num_views if self.loss_fn.multi_view else 1
+
+        model = build_model(cfg.model.arch, cfg.data.num_classes, cfg.model.in_channels)
+        model = engine.prepare_module(model)
+        optimizer = torch.optim.SGD(model.parameters(), lr=cfg.optim.lr, momentum=cfg.optim.momentum,
+                                    nesterov=cfg.optim.nesterov, weight_decay=cfg.optim.weight_decay)
+        engine.setup(model, optimizer)
+        self.teacher: Optional[EMATeacher] = None
+        if self.loss_fn.needs_teacher:
+            self.teacher = EMATeacher(engine.module, cfg.teacher.decay, cfg.teacher.warmup_steps,
+                                      cfg.teacher.every, cfg.teacher.bn)
+
+        self.steps_per_epoch = max(plan.train_samples // (cfg.data.batch_size * engine.world_size), 1)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_multiplier(cfg.optim, self.steps_per_epoch))
+
+        aug = cfg.data.augment
+        self.policy = build_policy(aug.policy, aug.image_size, aug.resize_size, aug.cutout)
+        self.plan = plan
+        noise = to_dict(cfg.data.noise) if cfg.data.noise.type != "none" else None
+        self.noise = noise
+        pin = engine.device.type == "cuda"
+        train_stream = self._stream(plan.train_urls, TrainViews(self.policy, self.teacher is not None,
+                                                                self.student_views), train=True)
+        self.train_loader = make_loader(train_stream, cfg.data.batch_size, cfg.data.workers, drop_last=True,
+                                        pin_memory=pin)
+        eval_batch = cfg.eval.batch_size or 2 * cfg.data.batch_size
+        self.val_loaders = {
+            name: make_loader(self._stream(urls, self.policy.eval, train=False, noise=False), eval_batch,
+                              cfg.data.workers, drop_last=False, pin_memory=pin)
+            for name, urls in plan.val_urls.items()
+        }
+        self.step = 0
+        self.history: dict[str, list] = {}
+
+    def _stream(self, urls, transform, train: bool, noise: bool = True) -> ShardStream:
+        cfg = self.cfg
+        return ShardStream(urls, transform, cfg.data.num_classes, channels=cfg.model.in_channels,
+                           seed=cfg.run.seed, train=train, shuffle_buffer=cfg.data.shuffle_buffer,
+                           noise=self.noise if noise else None, rank=self.engine.rank,
+                           world_size=self.engine.world_size)
+
+    # ------------------------------------------------------------------ the step
+
+    def train_step(self, batch: dict) -> torch.Tensor:
+        engine = self.engine
+        labels = batch["label"].to(engine.device, non_blocking=True)
+        with engine.autocast():
+            if self.student_views > 1:  # one forward over all views keeps BatchNorm statistics joint
+                views = torch.cat([engine.to_device(v) for v in batch["student"]])
+                student_logits = list(engine.model(views).chunk(self.student_views))
+            else:
+                student_logits = engine.model(engine.to_device(batch["student"]))
+            teacher_probs = None
+            if self.teacher is not None:
+                teacher_probs = self.teacher.predict_probs(engine.to_device(batch["teacher"]))
+        loss = self.loss_fn(student_logits, labels, teacher_probs)
+        engine.step(loss, self.scheduler)
+        if self.teacher is not None:
+            self.teacher.update(engine.module)
+        return loss.detach()
+
+    # ------------------------------------------------------------------ the run
+
+    def fit(self) -> dict:
+        cfg, log = self.cfg, self.log
+        if log.enabled:
+            dump_config(cfg, self.out / "config.yaml")
+        if cfg.loss.ignored_params():
+            log.info(f"loss {cfg.loss.name} takes no {', '.join(cfg.loss.ignored_params())}: ignored")
+        log.info(f"training {cfg.model.arch} with loss {cfg.loss.name} on {self.plan.train_samples} samples "
+                 f"({len(self.plan.train_urls)} shards), {self.steps_per_epoch} steps/epoch x {cfg.optim.epochs} "
+                 f"epochs, world size {self.engine.world_size}, {self.engine.device}, {self.engine.precision}")
+        start = time.time()
+        train_time, train_samples = 0.0, 0
+        for epoch in range(cfg.optim.epochs):
+            epoch_start = time.time()
+            seen = self.train_epoch(epoch)
+            train_time += time.time() - epoch_start
+            train_samples += seen * self.engine.world_size
+            if (epoch + 1) % cfg.eval.every_epochs == 0 or epoch + 1 == cfg.optim.epochs:
+                self.run_evaluation(epoch)
+        summary = self.finish(time.time() - start, train_samples / max(train_time, 1e-9))
+        log.close()
+        return summary
+
+    def train_epoch(self, epoch: int) -> int:
+        cfg, log = self.cfg, self.log
+        set_epoch(self.train_loader, epoch)
+        self.engine.module.train()
+        bar = log.progress(self.steps_per_epoch, f"epoch {epoch + 1}/{cfg.optim.epochs}")
+        window_loss, window_steps, window_start, seen = 0.0, 0, time.time(), 0
+        pending = torch.zeros((), device=self.engine.device)
+        for batch in itertools.islice(self.train_loader, self.steps_per_epoch):
+            loss = self.train_step(batch)
+            self.step += 1
+            seen += len(batch["label"])
+            pending += loss.float()
+            window_steps += 1
+            bar.update(1)
+            if self.step % cfg.log.every_steps == 0 or window_steps == self.steps_per_epoch:
+                window_loss = float(pending) / window_steps  # one device sync per log interval
+                if not math.isfinite(window_loss):
+                    raise NonFiniteLossError(
+                        f"non-finite loss ({window_loss}) at step {self.step}, epoch {epoch}; last batch keys: "
+                        f"{batch['key'][:8]}")
+                rate = window_steps * len(batch["label"]) * self.engine.world_size / (time.time() - window_start)
+                lr = self.scheduler.get_last_lr()[0]
+                bar.set_postfix(loss=f"{window_loss:.4f}", lr=f"{lr:.4g}", samples_s=f"{rate:.0f}")
+                log.record(epoch=epoch, step=self.step, loss=window_loss, lr=lr, samples_per_s=rate)
+                log.info(f"epoch {epoch + 1} step {self.step} loss {window_loss:.4f} lr {lr:.4g} "
+                         f"samples/s {rate:.0f}")
+                pending.zero_()
+                window_steps, window_start = 0, time.time()
+        bar.close()
+        return seen
+
+    def predictors(self) -> dict:
+        self.engine.module.eval()
+        predictors = {"student": self.engine.module}
+        if self.teacher is not None:
+            predictors["teacher"] = self.teacher.module
+        return predictors
+
+    def run_evaluation(self, epoch: int) -> None:
+        if not self.val_loaders:
+            return
+        engine = self.engine
+        results, top1 = {}, {}
+        for name, loader in self.val_loaders.items():
+            set_epoch(loader, 0)
+            meters = evaluate(self.predictors(), loader, engine.to_device, engine.autocast, engine.all_reduce_sum)
+            results[name] = {model: meter.compute() for model, meter in meters.items()}
+            top1[name] = results[name]["student"]["top1"]
+            for model, metrics in results[name].items():
+                self.history.setdefault(f"{name}/{model}", []).append((epoch + 1, metrics["top1"]))
+            self.last_meters = getattr(self, "last_meters", {})
+            self.last_meters[name] = meters
+        self.engine.module.train()
+        teacher_top1 = {n: r["teacher"]["top1"] for n, r in results.items() if "teacher" in r}
+        self.log.record(epoch=epoch, step=self.step, top1=top1, teacher_top1=teacher_top1, eval=results)
+        parts = [f"{n}: student {r['student']['top1']:.2f}%" + (f", teacher {r['teacher']['top1']:.2f}%"
+                                                                 if "teacher" in r else "")
+                 for n, r in results.items()]
+        self.log.info(f"epoch {epoch + 1} step {self.step} top-1 | " + " | ".join(parts))
+
+    def finish(self, wall_time: float, samples_per_s: float) -> dict:
+        cfg, log = self.cfg, self.log
+        summary: dict = {"loss": cfg.loss.name, "noise": to_dict(cfg.data.noise), "steps": self.step,
+                         "epochs": cfg.optim.epochs, "wall_time_s": round(wall_time, 2),
+                         "train_samples_per_s": round(samples_per_s, 1), "val": {}, "plots": []}
+        for key, points in self.history.items():
+            name, model = key.split("/")
+            values = [v for _, v in points]
+            entry = summary["val"].setdefault(name, {})
+            entry[model] = {"best_top1": max(values), "last_top1": values[-1],
+                            "ece": self.last_meters[name][model].compute()["ece"],
+                            "top5": self.last_meters[name][model].compute()["top5"]}
+        if log.enabled:
+            for name, meters in getattr(self, "last_meters", {}).items():
+                curves = {f"{m} (ECE {100 * meter.compute()['ece']:.1f}%)": meter.reliability()
+                          for m, meter in meters.items()}
+                path = reliability_diagram(curves, self.out / f"reliability_{name}.png",
+                                           f"{name}: {cfg.loss.name}, {cfg.data.noise.type} noise {cfg.data.noise.rate}")
+                summary["plots"].append(path.name)
+            curve = line_plot(self.history, self.out / "accuracy.png", "epoch", "clean top-1 (%)",
+                              f"{cfg.loss.name}, {cfg.data.noise.type} noise {cfg.data.noise.rate}")
+            if curve:
+                summary["plots"].append(curve.name)
+        correction = self.label_correction_analysis()
+        if correction is not None:
+            summary["label_correction"] = correction
+            if log.enabled:
+                groups = {}
+                for subset in ("clean", "mislabeled"):
+                    groups[f"{subset} samples (n={correction['counts'][subset]})"] = {
+                        f"{model}, {mode.replace('_', ' ')}": correction[model][mode][subset]
+                        for model in correction if model != "counts" for mode in correction[model]}
+                path = bar_chart(groups, self.out / "label_correction.png",
+                                 "accuracy against clean labels on training samples", "accuracy (%)")
+                summary["plots"].append(path.name)
+        write_json(self.out / "summary.json", summary, enabled=log.enabled)
+        for name, entry in summary["val"].items():
+            line = ", ".join(f"{m} {e['last_top1']:.2f}% (best {e['best_top1']:.2f}%, ECE {100 * e['ece']:.1f}%)"
+                             for m, e in entry.items())
+            log.info(f"clean {name} top-1: {line}")
+        log.info(f"outputs in {self.out.resolve()}")
+        return summary
+
+    def label_correction_analysis(self) -> Optional[dict]:
+        """Needs training shards that carry clean labels; skipped (None) otherwise."""
+        cfg = self.cfg
+        if cfg.eval.label_correction_samples == 0:
+            return None
+        k = cfg.eval.label_correction_views
+        policy = self.policy
+
+        def plain_and_views(image):
+            return policy.eval(image), torch.stack([policy.teacher(image) for _ in range(k)])
+
+        stream = self._stream(self.plan.train_urls, plain_and_views, train=False)
+        loader = make_loader(stream, cfg.eval.batch_size or cfg.data.batch_size, cfg.data.workers, drop_last=False)
+        per_rank = math.ceil(cfg.eval.label_correction_samples / self.engine.world_size)
+        result = label_correction(self.predictors(), loader, self.engine.to_device, self.engine.autocast,
+                                  self.engine.all_reduce_sum, per_rank)
+        self.engine.module.train()
+        if result.get("counts", {}).get("clean", 0) + result.get("counts", {}).get("mislabeled", 0) == 0:
+            return None
+        return result
+
+
+# ----------------------------------------------------------------------------- entry point
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m nrd_dist.train",
+        description="Train with NRD or a baseline. Every setting is a config key: "
+                    "CONFIG (YAML) plus key=value overrides, e.g. optim.epochs=2 loss.name=ce.")
+    parser.add_argument("config", help="YAML config file (configs/*.yaml)")
+    parser.add_argument("overrides", nargs="*", help="dotted key=value overrides (values parsed as YAML)")
+    args = parser.parse_args(argv)
+    try:
+        cfg = load_config(args.config, args.overrides)
+        plan = plan_data(cfg)  # every shard URL checked before any model or worker starts
+    except (ConfigError, ShardError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    engine = build_engine(cfg)
+    try:
+        Trainer(cfg, plan, engine).fit()
+    except (ShardError, NonFiniteLossError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 1
+    finally:
+        engine.close()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

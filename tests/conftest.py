@@ -1,0 +1,61 @@
+"""Shared fixtures: small shard sets of real Fashion-MNIST images."""
+
+import gzip
+import io
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from nrd_dist.data.noise import noise_report
+from nrd_dist.data.writer import ShardWriter, write_manifest
+
+FMNIST = Path("/usr/share/datasets/fashion-mnist")
+REPO = Path(__file__).resolve().parents[1]
+
+
+def read_fmnist(split: str, n: int, offset: int = 0):
+    prefix = "train" if split == "train" else "t10k"
+    with gzip.open(FMNIST / f"{prefix}-images-idx3-ubyte.gz") as f:
+        images = np.frombuffer(f.read()[16:], dtype=np.uint8).reshape(-1, 28, 28)
+    with gzip.open(FMNIST / f"{prefix}-labels-idx1-ubyte.gz") as f:
+        labels = np.frombuffer(f.read()[8:], dtype=np.uint8).astype(np.int64)
+    return images[offset:offset + n], labels[offset:offset + n]
+
+
+def write_split(out: Path, split: str, images, labels, per_shard: int) -> Path:
+    out.mkdir(parents=True, exist_ok=True)
+    writer = ShardWriter(out, split, per_shard)
+    keys = []
+    for i, (image, label) in enumerate(zip(images, labels)):
+        buf = io.BytesIO()
+        Image.fromarray(image).save(buf, format="PNG")
+        keys.append(f"{split}_{i:06d}")
+        writer.write(keys[-1], {"png": buf.getvalue(), "cls": str(int(label)).encode(),
+                                "clean.cls": str(int(label)).encode()})
+    shards = writer.close()
+    write_manifest(out, {"dataset": "fashion-mnist", "split": split, "num_samples": len(keys),
+                         "num_classes": 10, "shards": [vars(s) for s in shards],
+                         "noise": None, "noise_report": noise_report(labels, labels, 10)})
+    return out
+
+
+@pytest.fixture(scope="session")
+def fmnist_small(tmp_path_factory):
+    """Clean real Fashion-MNIST shards: train 2 x 160 images, test 1 x 240 (+ 1 x 7)."""
+    root = tmp_path_factory.mktemp("fmnist_small")
+    images, labels = read_fmnist("train", 320)
+    write_split(root / "train", "train", images, labels, 160)
+    images, labels = read_fmnist("test", 247)
+    write_split(root / "test", "test", images, labels, 240)
+    return {"root": root, "train": str(root / "train" / "train-{000000..000001}.tar"),
+            "test": str(root / "test" / "test-{000000..000001}.tar"), "test_count": 247}
+
+
+def run_train(args, cwd=REPO, timeout=600):
+    """The real entry point in a fresh interpreter."""
+    return subprocess.run([sys.executable, "-m", "nrd_dist.train", *map(str, args)], cwd=cwd,
+                          capture_output=True, text=True, timeout=timeout)
