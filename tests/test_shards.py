@@ -55,54 +55,84 @@ def stream(shards, **kw):
                        seed=kw.pop("seed", 0), train=train, **kw)
 
 
-def collect(loader):
-    batches = list(loader)
+def collect(loader, num_batches=None):
+    """Eval loaders end by themselves; training streams are endless: take num_batches."""
+    it = iter(loader)
+    batches = list(it) if num_batches is None else [next(it) for _ in range(num_batches)]
+    del it
     keys = [k for b in batches for k in b["key"]]
     return batches, keys
 
 
 def test_batches_carry_both_views_labels_and_keys(shards):
-    loader = make_loader(stream(shards, shuffle_buffer=16), batch_size=8, workers=0, drop_last=False)
+    loader = make_loader(stream(shards, shuffle_buffer=0), batch_size=9, workers=0)
     set_epoch(loader, 0)
-    batches, keys = collect(loader)
+    batches, keys = collect(loader, PER_SHARD * NUM_SHARDS // 9)
     b = batches[0]
-    assert b["student"].shape == (8, 1, 28, 28) and b["student"].dtype == torch.float32
-    assert b["teacher"].shape == (8, 1, 28, 28)
+    assert b["student"].shape == (9, 1, 28, 28) and b["student"].dtype == torch.float32
+    assert b["teacher"].shape == (9, 1, 28, 28)
     assert not torch.equal(b["student"], b["teacher"])  # different augmentations, same images
     index = [int(k[1:]) for k in b["key"]]
     assert b["label"].tolist() == shards["noisy"][index].tolist()
     assert b["clean_label"].tolist() == shards["clean"][index].tolist()
+    # one slot, no sample buffer: the first epoch's worth of samples is every sample once
     assert sorted(keys) == [f"s{i:04d}" for i in range(PER_SHARD * NUM_SHARDS)]
 
 
 def test_no_teacher_view_for_baselines(shards):
     loader = make_loader(stream(shards, with_teacher=False), batch_size=10, workers=0)
     set_epoch(loader, 0)
-    batch = next(iter(loader))
+    batch = collect(loader, 1)[0][0]
     assert "teacher" not in batch and batch["student"].shape[0] == 10
 
 
-def test_workers_each_sample_once_and_seeded_order(shards):
-    loader = make_loader(stream(shards, shuffle_buffer=20, seed=7), batch_size=5, workers=2, drop_last=False)
+def test_workers_seeded_order_and_augmentations(shards):
+    loader = make_loader(stream(shards, shuffle_buffer=20, seed=7), batch_size=5, workers=2)
     orders = []
     for epoch in (0, 0, 1):
         set_epoch(loader, epoch)
-        batches, keys = collect(loader)
-        assert sorted(keys) == sorted(set(keys)) and len(keys) == PER_SHARD * NUM_SHARDS
+        batches, keys = collect(loader, 18)
         orders.append((keys, batches[0]["student"]))
     assert orders[0][0] == orders[1][0]  # same (seed, epoch): same order ...
     assert torch.equal(orders[0][1], orders[1][1])  # ... and same augmentations in the workers
     assert orders[0][0] != orders[2][0]  # next epoch: a different order
-    other_seed = make_loader(stream(shards, shuffle_buffer=20, seed=8), batch_size=5, workers=2, drop_last=False)
+    other_seed = make_loader(stream(shards, shuffle_buffer=20, seed=8), batch_size=5, workers=2)
     set_epoch(other_seed, 0)
-    assert collect(other_seed)[1] != orders[0][0]
+    assert collect(other_seed, 18)[1] != orders[0][0]
+
+
+def test_uneven_shards_never_run_dry_and_top_up_deterministically(shards):
+    """3 shards over 2 ranks x 2 workers: the 4th slot has no dealt shard; every rank can
+    still take the same number of batches (a collective would hang otherwise)."""
+    per_rank = []
+    for rank in (0, 1):
+        loader = make_loader(stream(shards, rank=rank, world_size=2, seed=5, shuffle_buffer=0), batch_size=4,
+                             workers=2)
+        set_epoch(loader, 0)
+        _, keys = collect(loader, 12)  # 48 samples per rank: more than rank 1's dealt 30
+        per_rank.append(keys)
+        set_epoch(loader, 0)
+        assert collect(loader, 12)[1] == keys  # top-ups are seeded too
+    assert [len(k) for k in per_rank] == [48, 48]
+    dealt = [stream(shards, rank=r, world_size=2, seed=5).shards_for(w, 2) for r in (0, 1) for w in (0, 1)]
+    assert sorted(u for d in dealt for u in d) == sorted(expand_urls(shards["pattern"]))  # a partition
+    assert [len(d) for d in dealt].count(0) == 1
+
+
+def test_resampled_mode_draws_shards(shards):
+    loader = make_loader(stream(shards, sampling="resampled", shuffle_buffer=0), batch_size=10, workers=0)
+    set_epoch(loader, 3)
+    _, keys = collect(loader, 9)
+    assert len(keys) == 90 and len(set(keys)) < 90  # with replacement: repeats within an epoch
+    with pytest.raises(ValueError, match="data.sampling"):
+        stream(shards, sampling="bogus")
 
 
 def test_ranks_partition_the_shards(shards):
     seen = []
     for rank in (0, 1):
-        loader = make_loader(stream(shards, rank=rank, world_size=2, seed=3), batch_size=4, workers=0,
-                             drop_last=False)
+        loader = make_loader(stream(shards, rank=rank, world_size=2, seed=3, train=False), batch_size=4,
+                             workers=2, drop_last=False)
         set_epoch(loader, 2)
         seen.append(set(collect(loader)[1]))
     assert not seen[0] & seen[1]

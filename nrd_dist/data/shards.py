@@ -114,15 +114,18 @@ class ShardStream(IterableDataset):
         num_classes: labels must lie in ``[0, num_classes)``.
         channels: 1 (grey) or 3 (RGB) decoding.
         seed: ``run.seed``; with :meth:`set_epoch` it fixes all data randomness.
-        train: shuffle shards and samples, produce two views; else a fixed order.
+        train: shuffle shards and samples, produce two views, never run dry (the caller
+            takes a fixed number of batches per epoch); else a fixed order, each sample once.
         shuffle_buffer: samples per worker held for shuffling (0: no sample shuffle).
         noise: load-time label noise spec (``data.noise``), or None.
         rank, world_size: this process's place among the data-parallel ranks.
+        sampling: ``epoch`` (a seeded per-epoch shard permutation dealt to the (rank,
+            worker) slots, then top-ups) or ``resampled`` (seeded draws with replacement).
     """
 
     def __init__(self, urls: Sequence[str], transform: Callable, num_classes: int, channels: int = 3,
                  seed: int = 0, train: bool = True, shuffle_buffer: int = 1000,
-                 noise: Any = None, rank: int = 0, world_size: int = 1):
+                 noise: Any = None, rank: int = 0, world_size: int = 1, sampling: str = "epoch"):
         super().__init__()
         if not urls:
             raise ShardError("no shard URLs")
@@ -136,6 +139,9 @@ class ShardStream(IterableDataset):
         self.noise = noise
         self.rank = rank
         self.world_size = world_size
+        if sampling not in ("epoch", "resampled"):
+            raise ValueError(f"data.sampling: must be 'epoch' or 'resampled', got {sampling!r}")
+        self.sampling = sampling
         self.epoch = 0
 
     def set_epoch(self, epoch: int) -> None:
@@ -150,17 +156,34 @@ class ShardStream(IterableDataset):
         slot = self.rank * num_workers + worker
         return shards[slot::self.world_size * num_workers]
 
+    def shard_sequence(self, worker: int, num_workers: int) -> Iterator[str]:
+        """The shards one (rank, worker) slot reads this epoch.
+
+        Evaluation: the dealt shards, once (so every sample is counted exactly once over
+        all ranks). Training never runs dry: after its dealt shards (none in
+        ``resampled`` mode) a slot draws shards from a seeded stream, so every rank can
+        take the same number of batches per epoch even when the shard count does not
+        divide by ranks x workers; uneven counts would otherwise hang a collective.
+        """
+        if not self.train or self.sampling == "epoch":
+            yield from self.shards_for(worker, num_workers)
+        if not self.train:
+            return
+        rng = random.Random(mix_seed("top-up", self.seed, self.epoch, self.rank, worker))
+        while True:
+            yield self.urls[rng.randrange(len(self.urls))]
+
     def __iter__(self) -> Iterator[dict[str, Any]]:
         info = torch.utils.data.get_worker_info()
         worker, num_workers = (info.id, info.num_workers) if info else (0, 1)
         rng = random.Random(mix_seed("samples", self.seed, self.epoch, self.rank, worker))
-        samples = (self._prepare(s) for s in self._raw_samples(self.shards_for(worker, num_workers)))
+        samples = (self._prepare(s) for s in self._raw_samples(self.shard_sequence(worker, num_workers)))
         if self.shuffle_buffer > 1:
             samples = _shuffled(samples, self.shuffle_buffer, rng)
         for sample in samples:
             yield self._finish(sample)
 
-    def _raw_samples(self, shards: list[str]) -> Iterator[dict[str, Any]]:
+    def _raw_samples(self, shards: Iterator[str]) -> Iterator[dict[str, Any]]:
         for url in shards:
             count = 0
             for sample in wds.tarfile_to_samples()(iter([{"url": url}])):
