@@ -105,6 +105,7 @@ class DataConfig:
     workers: int = 2  # DataLoader worker processes per rank
     shuffle_buffer: int = 2000  # samples held in the shuffle buffer per worker
     samples_per_epoch: Optional[int] = None  # defines an epoch when streaming
+    sampling: Literal["epoch", "resampled"] = "epoch"  # shard dealing, see nrd_dist.data.shards
     noise: NoiseConfig = field(default_factory=NoiseConfig)
     augment: AugmentConfig = field(default_factory=AugmentConfig)
     storage: dict[str, Any] = field(default_factory=dict)  # fsspec storage options
@@ -256,6 +257,7 @@ class EngineConfig:
     precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
     sync_bn: bool = False
     grad_accum_steps: int = 1
+    timeout_s: int = 1800  # collective timeout: a dead rank fails the job after this long
 
     def validate(self, path: str) -> None:
         if self.zero_stage not in (0, 1, 2, 3):
@@ -264,6 +266,9 @@ class EngineConfig:
             raise ConfigError(f"{path}.zero_stage: ZeRO needs engine.backend=deepspeed "
                               f"(got backend {self.backend!r})")
         _positive(f"{path}.grad_accum_steps", self.grad_accum_steps)
+        if self.grad_accum_steps > 1 and self.backend != "deepspeed":
+            raise ConfigError(f"{path}.grad_accum_steps: gradient accumulation needs engine.backend=deepspeed")
+        _positive(f"{path}.timeout_s", self.timeout_s)
 
 
 @dataclass

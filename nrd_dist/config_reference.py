@@ -21,6 +21,8 @@ HELP = {
     "data.workers": "DataLoader worker processes per rank",
     "data.shuffle_buffer": "samples per worker held in the seeded shuffle buffer (0: shard order only)",
     "data.samples_per_epoch": "samples in one epoch; null: counted from the manifest.json beside the shards",
+    "data.sampling": "epoch (a seeded shard permutation dealt to rank x worker slots, each sample about "
+                     "once per epoch) or resampled (seeded shard draws with replacement, for very large sets)",
     "data.noise.type": "load-time label noise: none, symmetric (over all classes), symmetric_exclusive, "
                        "asymmetric, matrix",
     "data.noise.rate": "noise rate eta in [0, 1]",
@@ -61,7 +63,8 @@ HELP = {
     "engine.zero_stage": "DeepSpeed ZeRO stage 0-3",
     "engine.precision": "auto (bf16 on GPU, fp32 on CPU), fp32, bf16 or fp16 (GPU, with loss scaling)",
     "engine.sync_bn": "SyncBatchNorm for the student under DDP",
-    "engine.grad_accum_steps": "gradient accumulation steps",
+    "engine.grad_accum_steps": "gradient accumulation steps (deepspeed)",
+    "engine.timeout_s": "collective timeout in seconds: a dead or stuck rank fails the job instead of hanging it",
     "eval.every_epochs": "evaluate on data.val every this many epochs (and after the last)",
     "eval.batch_size": "evaluation batch per rank; null: 2 x data.batch_size",
     "eval.label_correction_samples": "training samples in the final label-correction analysis (0: skip)",
@@ -103,5 +106,22 @@ def render_markdown() -> str:
     return "\n".join(lines) + "\n"
 
 
+START, END = "<!-- config-reference:start -->\n", "<!-- config-reference:end -->"
+
+
+def update_readme(path: str) -> None:
+    """Rewrite the table between the README's markers."""
+    from pathlib import Path
+
+    text = Path(path).read_text()
+    head, rest = text.split(START, 1)
+    Path(path).write_text(head + START + render_markdown() + END + rest.split(END, 1)[1])
+
+
 if __name__ == "__main__":
-    print(render_markdown(), end="")
+    import sys
+
+    if sys.argv[1:2] == ["--update"]:  # python -m nrd_dist.config_reference --update README.md
+        update_readme(sys.argv[2])
+    else:
+        print(render_markdown(), end="")

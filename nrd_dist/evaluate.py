@@ -3,11 +3,17 @@
 Both run every model of interest (student, teacher) on one pass over the data, so each
 image is decoded once. Sums are all-reduced, so a distributed evaluation that sees each
 sample once on some rank gives exactly the single-process numbers.
+
+Ranks hold different numbers of validation batches (shards are dealt, not split), yet a
+ZeRO-3 forward is a collective: every rank must run the same number of forwards. The
+passes therefore run in lockstep; a rank out of data runs an idle forward on a dummy
+input and counts nothing, until every rank is done.
 """
 
 from __future__ import annotations
 
-from typing import Callable, Iterable, Mapping
+from dataclasses import dataclass
+from typing import Callable, Iterable, Iterator, Mapping, Optional
 
 import torch
 
@@ -17,25 +23,58 @@ from nrd_dist.metrics import ClassificationMeter
 Predictors = Mapping[str, Callable[[torch.Tensor], torch.Tensor]]
 
 
-@torch.inference_mode()
-def evaluate(predictors: Predictors, batches: Iterable[dict], to_device: Callable, autocast: Callable,
-             reduce_sum: Callable[[torch.Tensor], torch.Tensor]) -> dict[str, ClassificationMeter]:
+@dataclass
+class EvalContext:
+    """What a pass needs from the engine."""
+
+    to_device: Callable[[torch.Tensor], torch.Tensor]
+    autocast: Callable
+    reduce_sum: Callable[[torch.Tensor], torch.Tensor]
+    lockstep: bool = False  # distributed: keep every rank's forward count equal
+    idle_input: Optional[torch.Tensor] = None  # [1, C, H, W] for idle forwards
+
+
+def in_lockstep(batches: Iterable[dict], ctx: EvalContext, stop: Callable[[], bool] = lambda: False
+                ) -> Iterator[Optional[dict]]:
+    """Yield this rank's batches, then None (idle) until no rank has batches left."""
+    iterator = iter(batches)
+    while True:
+        batch = None if stop() else next(iterator, None)
+        if not ctx.lockstep:
+            if batch is None:
+                return
+        elif float(ctx.reduce_sum(torch.tensor([0.0 if batch is None else 1.0]))) == 0:
+            return
+        yield batch
+
+
+def _idle_forward(predictors: Predictors, ctx: EvalContext) -> None:
+    images = ctx.to_device(ctx.idle_input)
+    for predict in predictors.values():
+        with ctx.autocast():
+            predict(images)
+
+
+@torch.no_grad()  # not inference_mode: ZeRO-3's parameter gathering must work here
+def evaluate(predictors: Predictors, batches: Iterable[dict], ctx: EvalContext) -> dict[str, ClassificationMeter]:
     """Top-1/top-5/ECE of each predictor against ``batch["label"]`` (clean val labels)."""
     meters = {name: ClassificationMeter() for name in predictors}
-    for batch in batches:
-        images = to_device(batch["image"])
+    for batch in in_lockstep(batches, ctx):
+        if batch is None:
+            _idle_forward(predictors, ctx)
+            continue
+        images = ctx.to_device(batch["image"])
         for name, predict in predictors.items():
-            with autocast():
+            with ctx.autocast():
                 logits = predict(images)
             meters[name].update(torch.softmax(logits.float(), dim=-1), batch["label"])
     for meter in meters.values():
-        meter.all_reduce(reduce_sum)
+        meter.all_reduce(ctx.reduce_sum)
     return meters
 
 
-@torch.inference_mode()
-def label_correction(predictors: Predictors, batches: Iterable[dict], to_device: Callable, autocast: Callable,
-                     reduce_sum: Callable[[torch.Tensor], torch.Tensor], max_samples: int) -> dict:
+@torch.no_grad()
+def label_correction(predictors: Predictors, batches: Iterable[dict], ctx: EvalContext, max_samples: int) -> dict:
     """Accuracy against the *clean* labels of training samples, split into samples whose
     training label is clean and those that are mislabeled (the paper's Table 1 / Fig. 5):
     once on the plain image and once averaging the softmax over K AugMix teacher views.
@@ -47,13 +86,16 @@ def label_correction(predictors: Predictors, batches: Iterable[dict], to_device:
     sums = {name: {"plain": torch.zeros(4, dtype=torch.float64), "augmix_ensemble": torch.zeros(4, dtype=torch.float64)}
             for name in predictors}
     seen = 0
-    for batch in batches:
-        if seen >= max_samples:
-            break
+    to_device, autocast, reduce_sum = ctx.to_device, ctx.autocast, ctx.reduce_sum
+    for batch in in_lockstep(batches, ctx, stop=lambda: seen >= max_samples):
+        if batch is None:
+            _idle_forward(predictors, ctx)
+            continue
         plain, views = batch["image"]
         clean, given = batch["clean_label"], batch["label"]
         keep = clean >= 0
         if not keep.any():
+            _idle_forward(predictors, ctx)  # the other ranks may be mid-forward
             continue
         mislabeled = (given != clean)[keep]
         plain, views, clean = to_device(plain[keep]), views[keep], clean[keep]

@@ -64,6 +64,14 @@ def small_cnn(num_classes: int, in_channels: int = 1, width: int = 32) -> nn.Mod
     )
 
 
+@register("mlp")
+def mlp(num_classes: int, in_channels: int = 1, image_size: int = 28, hidden: int = 64) -> nn.Module:
+    """A two-layer perceptron without BatchNorm: its loss on a batch does not depend on
+    how the batch is split over ranks, so the equivalence tests of the engines use it."""
+    return nn.Sequential(nn.Flatten(), nn.Linear(in_channels * image_size ** 2, hidden),
+                         nn.ReLU(inplace=True), nn.Linear(hidden, num_classes))
+
+
 # ----------------------------------------------------------------------------- PreAct ResNet
 
 

@@ -9,11 +9,21 @@ under ``torch.inference_mode``.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 from typing import Any
 
 import torch
 from torch import nn
+
+
+def _matching_precision(x: torch.Tensor):
+    """Half-precision inputs (a DeepSpeed bf16/fp16 student) run the fp32 teacher under
+    autocast of that dtype: the student's speed, the teacher's fp32 weights. Otherwise
+    the caller's autocast state applies unchanged."""
+    if x.dtype in (torch.bfloat16, torch.float16):
+        return torch.autocast(x.device.type, dtype=x.dtype)
+    return contextlib.nullcontext()
 
 
 class EMATeacher(nn.Module):
@@ -105,8 +115,8 @@ class EMATeacher(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Teacher logits for ``x`` ([B, ...] -> [B, C]); no autograd graph."""
-        with torch.inference_mode():
-            return self.module(x)
+        with torch.inference_mode(), _matching_precision(x):
+            return self.module(x.float())
 
     def predict_probs(self, x: torch.Tensor) -> torch.Tensor:
         """Softmax probabilities in fp32, [B, C], usable as a constant in the student's loss.
@@ -114,8 +124,8 @@ class EMATeacher(nn.Module):
         Inference-mode tensors cannot be saved for backward, and the JSD's KL(p_t || m)
         term saves ``p_t``; the clone (B x C floats, negligible) makes it a normal tensor.
         """
-        with torch.inference_mode():
-            probs = torch.softmax(self.module(x).float(), dim=-1)
+        with torch.inference_mode(), _matching_precision(x):
+            probs = torch.softmax(self.module(x.float()).float(), dim=-1)
         return probs.clone()
 
     def state_dict(self, *args, **kwargs) -> dict[str, Any]:  # type: ignore[override]
@@ -125,3 +135,135 @@ class EMATeacher(nn.Module):
         self.calls = int(state["calls"])
         self.num_updates = int(state["num_updates"])
         return self.module.load_state_dict(state["model"], strict=strict)
+
+
+class ZeroThreeTeacher(nn.Module):
+    """The EMA teacher under ZeRO-3 (DESIGN.md section 2): partitioned exactly like the
+    student and updated shard-locally, with no full gather per step.
+
+    The teacher is a second DeepSpeed engine (stage 3, fp32, no optimizer). Each update
+    lerps every teacher parameter's local partition (``ds_tensor``) toward the student's
+    fp32 master partition (``safe_get_local_fp32_param``); buffers (BatchNorm statistics)
+    are not partitioned by ZeRO-3 and are averaged like :class:`EMATeacher` does. Its
+    forward gathers parameters like any ZeRO-3 forward.
+    """
+
+    def __init__(self, template: nn.Module, engine, decay: float = 0.99, warmup_steps: int = 0,
+                 every: int = 1, bn: str = "eval"):
+        super().__init__()
+        import deepspeed
+
+        if bn != "eval":
+            raise ValueError("teacher.bn: only 'eval' is supported with ZeRO-3")
+        self.decay, self.warmup_steps, self.every, self.bn = decay, warmup_steps, every, bn
+        self.calls = 0
+        self.num_updates = 0
+        self.engine = engine
+        template = copy.deepcopy(template).float()
+        template.requires_grad_(False)
+        self.teacher_engine, *_ = deepspeed.initialize(model=template, config=engine.ds_config(train=False))
+        self.module = self.teacher_engine.module
+        self.module.eval()
+
+    def train(self, mode: bool = True) -> "ZeroThreeTeacher":
+        super().train(mode)
+        self.module.eval()
+        return self
+
+    @torch.no_grad()
+    def update(self, student: nn.Module) -> bool:
+        from deepspeed.utils import safe_get_local_fp32_param
+
+        self.calls += 1
+        if self.calls % self.every:
+            return False
+        teacher_params = [p.ds_tensor for p in self.module.parameters()]
+        student_params = [safe_get_local_fp32_param(p).view(-1) for p in student.parameters()]
+        teacher_buffers = [b for b in self.module.buffers()]
+        student_buffers = [b.detach() for b in student.buffers()]
+        float_t = teacher_params + [b for b in teacher_buffers if b.is_floating_point()]
+        float_s = [s.to(t.dtype) for t, s in zip(teacher_params, student_params)]
+        float_s += [s.to(t.dtype) for t, s in zip(teacher_buffers, student_buffers) if t.is_floating_point()]
+        if self.num_updates < self.warmup_steps:
+            torch._foreach_copy_(float_t, float_s)
+        else:
+            torch._foreach_lerp_(float_t, float_s, 1.0 - self.decay)
+        for t, s in zip(teacher_buffers, student_buffers):
+            if not t.is_floating_point():
+                t.copy_(s)
+        self.num_updates += 1
+        return True
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        with torch.no_grad(), _matching_precision(x):  # ZeRO-3's gather hooks need no_grad, not inference_mode
+            return self.module(x.float())
+
+    def predict_probs(self, x: torch.Tensor) -> torch.Tensor:
+        with torch.no_grad(), _matching_precision(x):
+            return torch.softmax(self.module(x.float()).float(), dim=-1)
+
+    def full_state(self) -> dict[str, torch.Tensor]:
+        """The whole teacher state, gathered (collective: call on every rank)."""
+        import deepspeed
+
+        params = list(self.module.parameters())
+        with deepspeed.zero.GatheredParameters(params, modifier_rank=None):
+            return {k: v.detach().clone() for k, v in self.module.state_dict().items()}
+
+    def state_dict(self, *args, **kwargs) -> dict[str, Any]:  # type: ignore[override]
+        return {"model": self.full_state(), "calls": self.calls, "num_updates": self.num_updates}
+
+
+def teacher_state(teacher) -> dict[str, torch.Tensor]:
+    """The full teacher state on this rank (gathers under ZeRO-3: call on every rank)."""
+    if isinstance(teacher, ZeroThreeTeacher):
+        return teacher.full_state()
+    return teacher.module.state_dict()
+
+
+def teacher_checksum(state: dict[str, torch.Tensor]) -> torch.Tensor:
+    """Per-tensor float64 sums and position-weighted sums: equal states give bitwise
+    equal checksums, and a divergence anywhere (even a permutation) changes them."""
+    rows = []
+    for tensor in state.values():
+        flat = tensor.detach().double().flatten().cpu()
+        weights = torch.arange(1, flat.numel() + 1, dtype=torch.float64) % 97 + 1
+        rows.append(torch.stack([flat.sum(), (flat * weights).sum()]))
+    return torch.stack(rows) if rows else torch.zeros(0, 2, dtype=torch.float64)
+
+
+class TeacherDivergedError(RuntimeError):
+    pass
+
+
+def verify_teacher(teacher, step: int) -> None:
+    """Stop the run if the teacher differs between ranks (collective: every rank calls it)."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return
+    state = teacher_state(teacher)
+    local = teacher_checksum(state)
+    gathered = [torch.empty_like(local) for _ in range(dist.get_world_size())]
+    _all_gather(local, gathered)
+    names = list(state)
+    for rank, other in enumerate(gathered):
+        if not torch.equal(other, gathered[0]):
+            row = int((other != gathered[0]).any(dim=1).nonzero()[0])
+            raise TeacherDivergedError(
+                f"EMA teacher diverged across ranks at step {step}: rank {rank} differs from rank 0 "
+                f"first at {names[row]!r} (checksums {other[row].tolist()} vs {gathered[0][row].tolist()}); "
+                "the teacher must be identical on every rank")
+
+
+def _all_gather(local: torch.Tensor, out: list[torch.Tensor]) -> None:
+    import torch.distributed as dist
+
+    if dist.get_backend() == "nccl":
+        device = torch.device("cuda", torch.cuda.current_device())
+        parts = [torch.empty_like(local, device=device) for _ in out]
+        dist.all_gather(parts, local.to(device))
+        for dst, src in zip(out, parts):
+            dst.copy_(src.cpu())
+    else:
+        dist.all_gather(out, local)

@@ -16,7 +16,7 @@ no teacher. Outputs go to ``run.output_dir`` (DESIGN.md section 3): ``config.yam
 from __future__ import annotations
 
 import argparse
-import itertools
+import copy
 import json
 import math
 import random
@@ -34,13 +34,13 @@ from nrd_dist.data.augment import TrainViews, build_policy
 from nrd_dist.data.shards import ShardError, ShardStream, expand_urls, make_loader, set_epoch
 from nrd_dist.data.writer import MANIFEST_NAME
 from nrd_dist.engine import Engine, build_engine
-from nrd_dist.evaluate import evaluate, label_correction
+from nrd_dist.evaluate import EvalContext, evaluate, label_correction
 from nrd_dist.losses import build_loss
 from nrd_dist.metrics import bar_chart, line_plot, reliability_diagram
 from nrd_dist.models import build_model
 from nrd_dist.run_log import RunLog, write_json
 from nrd_dist.schedule import lr_multiplier
-from nrd_dist.teacher import EMATeacher
+from nrd_dist.teacher import TeacherDivergedError, verify_teacher
 
 
 class NonFiniteLossError(RuntimeError):
@@ -117,11 +117,11 @@ class Trainer:
         model = engine.prepare_module(model)
         optimizer = torch.optim.SGD(model.parameters(), lr=cfg.optim.lr, momentum=cfg.optim.momentum,
                                     nesterov=cfg.optim.nesterov, weight_decay=cfg.optim.weight_decay)
+        # The teacher starts from the student's initial weights; under ZeRO-3 it must be
+        # copied before DeepSpeed partitions the student.
+        template = copy.deepcopy(model) if self.loss_fn.needs_teacher else None
         engine.setup(model, optimizer)
-        self.teacher: Optional[EMATeacher] = None
-        if self.loss_fn.needs_teacher:
-            self.teacher = EMATeacher(engine.module, cfg.teacher.decay, cfg.teacher.warmup_steps,
-                                      cfg.teacher.every, cfg.teacher.bn)
+        self.teacher = engine.make_teacher(template) if template is not None else None
 
         self.steps_per_epoch = max(plan.train_samples // (cfg.data.batch_size * engine.world_size), 1)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_multiplier(cfg.optim, self.steps_per_epoch))
@@ -150,7 +150,7 @@ class Trainer:
         return ShardStream(urls, transform, cfg.data.num_classes, channels=cfg.model.in_channels,
                            seed=cfg.run.seed, train=train, shuffle_buffer=cfg.data.shuffle_buffer,
                            noise=self.noise if noise else None, rank=self.engine.rank,
-                           world_size=self.engine.world_size)
+                           world_size=self.engine.world_size, sampling=cfg.data.sampling)
 
     # ------------------------------------------------------------------ the step
 
@@ -203,9 +203,13 @@ class Trainer:
         bar = log.progress(self.steps_per_epoch, f"epoch {epoch + 1}/{cfg.optim.epochs}")
         window_loss, window_steps, window_start, seen = 0.0, 0, time.time(), 0
         pending = torch.zeros((), device=self.engine.device)
-        for batch in itertools.islice(self.train_loader, self.steps_per_epoch):
+        batches = iter(self.train_loader)  # endless: every rank takes exactly steps_per_epoch
+        for _ in range(self.steps_per_epoch):
+            batch = next(batches)
             loss = self.train_step(batch)
             self.step += 1
+            if self.teacher is not None and cfg.teacher.verify_every and self.step % cfg.teacher.verify_every == 0:
+                verify_teacher(self.teacher, self.step)
             seen += len(batch["label"])
             pending += loss.float()
             window_steps += 1
@@ -225,7 +229,14 @@ class Trainer:
                 pending.zero_()
                 window_steps, window_start = 0, time.time()
         bar.close()
+        del batches  # stops this epoch's workers before the next epoch's start
         return seen
+
+    def eval_context(self) -> EvalContext:
+        engine, aug = self.engine, self.cfg.data.augment
+        size = aug.image_size or {"fmnist": 28, "cifar": 32, "imagenet": 224}[aug.policy]
+        return EvalContext(engine.to_device, engine.autocast, engine.all_reduce_sum, lockstep=engine.distributed,
+                           idle_input=torch.zeros(1, self.cfg.model.in_channels, size, size))
 
     def predictors(self) -> dict:
         self.engine.module.eval()
@@ -241,7 +252,7 @@ class Trainer:
         results, top1 = {}, {}
         for name, loader in self.val_loaders.items():
             set_epoch(loader, 0)
-            meters = evaluate(self.predictors(), loader, engine.to_device, engine.autocast, engine.all_reduce_sum)
+            meters = evaluate(self.predictors(), loader, self.eval_context())
             results[name] = {model: meter.compute() for model, meter in meters.items()}
             top1[name] = results[name]["student"]["top1"]
             for model, metrics in results[name].items():
@@ -313,8 +324,7 @@ class Trainer:
         stream = self._stream(self.plan.train_urls, plain_and_views, train=False)
         loader = make_loader(stream, cfg.eval.batch_size or cfg.data.batch_size, cfg.data.workers, drop_last=False)
         per_rank = math.ceil(cfg.eval.label_correction_samples / self.engine.world_size)
-        result = label_correction(self.predictors(), loader, self.engine.to_device, self.engine.autocast,
-                                  self.engine.all_reduce_sum, per_rank)
+        result = label_correction(self.predictors(), loader, self.eval_context(), per_rank)
         self.engine.module.train()
         if result.get("counts", {}).get("clean", 0) + result.get("counts", {}).get("mislabeled", 0) == 0:
             return None
@@ -331,6 +341,8 @@ def main(argv: Optional[list[str]] = None) -> int:
                     "CONFIG (YAML) plus key=value overrides, e.g. optim.epochs=2 loss.name=ce.")
     parser.add_argument("config", help="YAML config file (configs/*.yaml)")
     parser.add_argument("overrides", nargs="*", help="dotted key=value overrides (values parsed as YAML)")
+    # The DeepSpeed launcher appends --local_rank=N; the engine reads LOCAL_RANK instead.
+    parser.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     try:
         cfg = load_config(args.config, args.overrides)
@@ -341,8 +353,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     engine = build_engine(cfg)
     try:
         Trainer(cfg, plan, engine).fit()
-    except (ShardError, NonFiniteLossError) as err:
-        print(f"error: {err}", file=sys.stderr)
+    except (ShardError, NonFiniteLossError, TeacherDivergedError) as err:
+        print(f"error (rank {engine.rank}): {err}", file=sys.stderr)
         return 1
     finally:
         engine.close()

@@ -59,3 +59,67 @@ def run_train(args, cwd=REPO, timeout=600):
     """The real entry point in a fresh interpreter."""
     return subprocess.run([sys.executable, "-m", "nrd_dist.train", *map(str, args)], cwd=cwd,
                           capture_output=True, text=True, timeout=timeout)
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+class ProcessGroup:
+    """Processes started in their own sessions, stopped (with all their children) by
+    their own PIDs when the test ends, passed or failed."""
+
+    def __init__(self):
+        self.procs = []
+
+    def start(self, cmd, log_path, cwd=REPO, env=None):
+        import os
+
+        log = open(log_path, "w")
+        proc = subprocess.Popen([str(c) for c in cmd], cwd=cwd, stdout=log, stderr=subprocess.STDOUT,
+                                start_new_session=True, env={**os.environ, **(env or {})})
+        proc.log_path = log_path
+        proc.log_file = log
+        self.procs.append(proc)
+        return proc
+
+    def wait_all(self, timeout):
+        import time
+
+        deadline = time.time() + timeout
+        for proc in self.procs:
+            remaining = max(deadline - time.time(), 1)
+            try:
+                proc.wait(timeout=remaining)
+            except subprocess.TimeoutExpired:
+                self.stop()
+                raise AssertionError(f"timed out after {timeout}s: {proc.args}\n{read_tail(proc.log_path)}")
+        return [p.returncode for p in self.procs]
+
+    def stop(self):
+        import os
+        import signal
+
+        for proc in self.procs:
+            if proc.poll() is None:
+                try:
+                    os.killpg(proc.pid, signal.SIGKILL)  # the launcher and every worker it started
+                except ProcessLookupError:
+                    pass
+                proc.wait()
+            proc.log_file.close()
+
+
+def read_tail(path, chars=4000):
+    return Path(path).read_text(errors="replace")[-chars:]
+
+
+@pytest.fixture
+def processes():
+    group = ProcessGroup()
+    yield group
+    group.stop()

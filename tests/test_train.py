@@ -186,7 +186,8 @@ def test_config_reference_matches_schema_and_readme():
     readme = (REPO / "README.md").read_text()
     start, end = "<!-- config-reference:start -->\n", "<!-- config-reference:end -->"
     embedded = readme.split(start)[1].split(end)[0]
-    assert embedded == render_markdown(), "README config reference is stale: python -m nrd_dist.config_reference"
+    assert embedded == render_markdown(), \
+        "README config reference is stale: python -m nrd_dist.config_reference --update README.md"
 
 
 def test_shipped_configs_have_valid_keys():
