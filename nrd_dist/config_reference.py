@@ -62,7 +62,7 @@ HELP = {
     "engine.backend": "ddp (torchrun or one process) or deepspeed",
     "engine.zero_stage": "DeepSpeed ZeRO stage 0-3",
     "engine.precision": "auto (bf16 on GPU, fp32 on CPU), fp32, bf16 or fp16 (GPU, with loss scaling)",
-    "engine.sync_bn": "SyncBatchNorm for the student under DDP",
+    "engine.sync_bn": "SyncBatchNorm for the student under DDP (CUDA only, as in torch)",
     "engine.grad_accum_steps": "gradient accumulation steps (deepspeed)",
     "engine.timeout_s": "collective timeout in seconds: a dead or stuck rank fails the job instead of hanging it",
     "eval.every_epochs": "evaluate on data.val every this many epochs (and after the last)",

@@ -52,6 +52,8 @@ class Engine:
             self.device = torch.device("cuda", self.local_rank)
         else:
             self.device = torch.device("cpu")
+        if cfg.engine.sync_bn and self.world_size > 1 and self.device.type != "cuda":
+            raise ValueError("engine.sync_bn: torch's SyncBatchNorm runs on CUDA only; this run is on CPU")
         self.precision = resolve_precision(cfg.engine.precision, self.device)
         if self.precision == "fp16" and self.device.type == "cpu":
             raise ValueError("engine.precision: fp16 needs a GPU; use bf16 or fp32 on CPU")
@@ -196,8 +198,13 @@ class DeepSpeedEngine(Engine):
 
     def __init__(self, cfg: Config):
         super().__init__(cfg)
-        import deepspeed
+        import logging
 
+        import deepspeed
+        from deepspeed.utils import logger as deepspeed_logger
+
+        if self.rank != 0:  # logs from rank 0 only; warnings and errors from every rank
+            deepspeed_logger.setLevel(logging.WARNING)
         if self.precision == "fp16" and self.device.type == "cpu":
             raise ValueError("engine.precision: fp16 needs a GPU")
         deepspeed.init_distributed(dist_backend="nccl" if self.device.type == "cuda" else "gloo",

@@ -19,6 +19,7 @@ import argparse
 import copy
 import json
 import math
+import os
 import random
 import sys
 import time
@@ -344,18 +345,25 @@ def main(argv: Optional[list[str]] = None) -> int:
     # The DeepSpeed launcher appends --local_rank=N; the engine reads LOCAL_RANK instead.
     parser.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    rank = int(os.environ.get("RANK", 0))
     try:
         cfg = load_config(args.config, args.overrides)
         plan = plan_data(cfg)  # every shard URL checked before any model or worker starts
-    except (ConfigError, ShardError) as err:
-        print(f"error: {err}", file=sys.stderr)
+        engine = build_engine(cfg)  # engine settings this machine cannot run fail here
+    except (ConfigError, ShardError, ValueError) as err:
+        if rank == 0:  # the same message on every rank: say it once
+            print(f"error: {err}", file=sys.stderr)
         return 2
-    engine = build_engine(cfg)
     try:
         Trainer(cfg, plan, engine).fit()
     except (ShardError, NonFiniteLossError, TeacherDivergedError) as err:
         print(f"error (rank {engine.rank}): {err}", file=sys.stderr)
         return 1
+    except BaseException as err:
+        # Anything else: name the rank (the launcher interleaves every rank's output),
+        # then the traceback.
+        print(f"error (rank {engine.rank}): {type(err).__name__}: {err}", file=sys.stderr)
+        raise
     finally:
         engine.close()
     return 0

@@ -77,14 +77,15 @@ def check_run(out, fmnist_small, world_size, steps_per_epoch):
 
 @pytest.mark.slow
 def test_two_torchrun_agents_train_the_demo(fmnist_small, tmp_path, processes):
-    """Two torchrun agents (two 'nodes') meet at a c10d rendezvous on loopback."""
+    """Two torchrun agents (two 'nodes') meet at a c10d rendezvous on loopback, each
+    started by launchers/torchrun_multinode.sh as on a real cluster."""
     port = free_port()
     out = tmp_path / "run"
+    env = {"NNODES": "2", "NPROC_PER_NODE": "1", "RDZV_ENDPOINT": f"127.0.0.1:{port}", "RDZV_ID": "nrd-test",
+           "MAX_RESTARTS": "0", "PYTHON": sys.executable, "CONFIG": "configs/fmnist_demo.yaml"}
     for node in (0, 1):
-        cmd = TORCHRUN + ["--nnodes", "2", "--nproc-per-node", "1", "--rdzv-backend", "c10d",
-                          "--rdzv-endpoint", f"127.0.0.1:{port}", "--rdzv-id", "nrd-test", "--max-restarts", "0",
-                          "-m", "nrd_dist.train", *demo_args(fmnist_small, out)]
-        processes.start(cmd, tmp_path / f"agent{node}.log")
+        cmd = ["bash", "launchers/torchrun_multinode.sh", *demo_args(fmnist_small, out)[1:]]
+        processes.start(cmd, tmp_path / f"agent{node}.log", env=env)
     codes = processes.wait_all(timeout=420)
     logs = "\n".join(read_tail(tmp_path / f"agent{n}.log") for n in (0, 1))
     assert codes == [0, 0], logs
@@ -95,19 +96,33 @@ def test_two_torchrun_agents_train_the_demo(fmnist_small, tmp_path, processes):
 @pytest.mark.slow
 @pytest.mark.parametrize("stage", [2, 3])
 def test_deepspeed_launcher_two_nodes(stage, fmnist_small, tmp_path, processes):
-    """The DeepSpeed launcher, two 'nodes' on this machine: --no_ssh with --node_rank."""
+    """The DeepSpeed launcher, two 'nodes' on this machine (--no_ssh with --node_rank),
+    each started by launchers/deepspeed_launch.sh with its NODE_RANK."""
     hostfile = tmp_path / "hostfile"
     hostfile.write_text("node0 slots=1\nnode1 slots=1\n")
     port = free_port()
     out = tmp_path / "run"
     for node in (0, 1):
-        cmd = [REPO / ".venv" / "bin" / "deepspeed", "--hostfile", hostfile, "--num_nodes", "2", "--num_gpus", "1",
-               "--no_ssh", "--node_rank", node, "--master_addr", "127.0.0.1", "--master_port", port,
-               "--module", "nrd_dist.train",
-               *demo_args(fmnist_small, out, "engine.backend=deepspeed", f"engine.zero_stage={stage}")]
-        processes.start(cmd, tmp_path / f"node{node}.log")
+        env = {"HOSTFILE": str(hostfile), "NODE_RANK": str(node), "MASTER_ADDR": "127.0.0.1",
+               "MASTER_PORT": str(port), "ZERO_STAGE": str(stage), "CONFIG": "configs/fmnist_demo.yaml",
+               "DEEPSPEED": str(REPO / ".venv" / "bin" / "deepspeed")}
+        cmd = ["bash", "launchers/deepspeed_launch.sh", *demo_args(fmnist_small, out)[1:]]
+        processes.start(cmd, tmp_path / f"node{node}.log", env=env)
     codes = processes.wait_all(timeout=420)
     logs = "\n".join(read_tail(tmp_path / f"node{n}.log") for n in (0, 1))
     assert codes == [0, 0], logs
     assert "world size 2" in logs
-    check_run(out, fmnist_small, 2, 320 // (32 * 2))
+    summary = check_run(out, fmnist_small, 2, 320 // (32 * 2))
+    assert (out / "config.yaml").read_text().count(f"zero_stage: {stage}") == 1
+    assert summary["steps"] > 0
+
+
+def test_deepspeed_gradient_accumulation_equals_the_full_batch(tmp_path):
+    import subprocess
+
+    proc = subprocess.run([sys.executable, "tests/dist/grad_accum.py"], cwd=REPO, capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.loads([line for line in proc.stdout.splitlines() if line.startswith("{")][-1])
+    assert result["max_diff"] < 1e-6  # 2 micro-batches of 4 == one batch of 8
+    assert result["scheduler_steps"] == 1 and result["lr"] == pytest.approx(0.05)  # one optimizer step

@@ -195,3 +195,11 @@ def test_shipped_configs_have_valid_keys():
         cfg = load_config(path)
         assert yaml.safe_load(path.read_text())  # non-empty
         assert cfg.loss.name
+
+
+def test_engine_settings_this_machine_cannot_run_fail_early(fmnist_small, tmp_path):
+    out = tmp_path / "never"
+    proc = run_train([DEMO, f"data.train={fmnist_small['train']}", f"run.output_dir={out}",
+                      "engine.precision=fp16"], timeout=120)
+    assert proc.returncode == 2 and "engine.precision: fp16 needs a GPU" in proc.stderr
+    assert not out.exists()
