@@ -110,22 +110,22 @@ class Engine:
             with torch.autocast(self.device.type, dtype=self.autocast_dtype):
                 yield
 
-    def step(self, loss: torch.Tensor, scheduler=None) -> Optional[float]:
-        """Backward, optional clipping, optimizer step; returns the gradient norm if clipped."""
+    def step(self, loss: torch.Tensor, scheduler=None) -> bool:
+        """Backward, optional clipping, optimizer step (and the schedule's step); returns
+        whether the weights changed (False inside a gradient-accumulation window)."""
         assert self.optimizer is not None and self.model is not None
         self.scaler.scale(loss).backward()
-        grad_norm = None
         clip = self.cfg.optim.clip_grad_norm
         if clip is not None:
             self.scaler.unscale_(self.optimizer)
-            grad_norm = float(nn.utils.clip_grad_norm_(self.model.parameters(), clip))
+            nn.utils.clip_grad_norm_(self.model.parameters(), clip)
         self.scaler.step(self.optimizer)
         self.scaler.update()
         self.optimizer.zero_grad(set_to_none=True)
         if scheduler is not None:
             scheduler.step()
         self.replicate_buffers()
-        return grad_norm
+        return True
 
     def replicate_buffers(self) -> None:
         """Average floating buffers (BatchNorm running statistics) over the ranks.
@@ -253,7 +253,7 @@ class DeepSpeedEngine(Engine):
     def to_device(self, images: torch.Tensor) -> torch.Tensor:
         return super().to_device(images).to(self.input_dtype)
 
-    def step(self, loss: torch.Tensor, scheduler=None) -> Optional[float]:
+    def step(self, loss: torch.Tensor, scheduler=None) -> bool:
         boundary = self.model.is_gradient_accumulation_boundary()
         self.model.backward(loss)
         self.model.step()  # applies the update only at accumulation boundaries
@@ -261,7 +261,7 @@ class DeepSpeedEngine(Engine):
             if scheduler is not None:
                 scheduler.step()
             self.replicate_buffers()
-        return None
+        return boundary
 
     all_reduce_sum = DDPEngine.all_reduce_sum
     barrier = DDPEngine.barrier

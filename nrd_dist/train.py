@@ -125,7 +125,9 @@ class Trainer:
         self.teacher = engine.make_teacher(template) if template is not None else None
 
         self.steps_per_epoch = max(plan.train_samples // (cfg.data.batch_size * engine.world_size), 1)
-        self.scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_multiplier(cfg.optim, self.steps_per_epoch))
+        # The schedule counts optimizer steps: one per grad_accum_steps batches.
+        optimizer_steps = max(self.steps_per_epoch // cfg.engine.grad_accum_steps, 1)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_multiplier(cfg.optim, optimizer_steps))
 
         aug = cfg.data.augment
         self.policy = build_policy(aug.policy, aug.image_size, aug.resize_size, aug.cutout)
@@ -168,8 +170,8 @@ class Trainer:
             if self.teacher is not None:
                 teacher_probs = self.teacher.predict_probs(engine.to_device(batch["teacher"]))
         loss = self.loss_fn(student_logits, labels, teacher_probs)
-        engine.step(loss, self.scheduler)
-        if self.teacher is not None:
+        weights_changed = engine.step(loss, self.scheduler)
+        if self.teacher is not None and weights_changed:
             self.teacher.update(engine.module)
         return loss.detach()
 

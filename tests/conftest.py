@@ -45,13 +45,14 @@ def write_split(out: Path, split: str, images, labels, per_shard: int) -> Path:
 
 @pytest.fixture(scope="session")
 def fmnist_small(tmp_path_factory):
-    """Clean real Fashion-MNIST shards: train 2 x 160 images, test 1 x 240 (+ 1 x 7)."""
+    """Clean real Fashion-MNIST shards: train 3 shards (107 + 107 + 106 images, so they do
+    not divide by 2 ranks x 2 workers), test 240 + 7 (does not divide by 2 ranks)."""
     root = tmp_path_factory.mktemp("fmnist_small")
     images, labels = read_fmnist("train", 320)
-    write_split(root / "train", "train", images, labels, 160)
+    write_split(root / "train", "train", images, labels, 107)
     images, labels = read_fmnist("test", 247)
     write_split(root / "test", "test", images, labels, 240)
-    return {"root": root, "train": str(root / "train" / "train-{000000..000001}.tar"),
+    return {"root": root, "train": str(root / "train" / "train-{000000..000002}.tar"),
             "test": str(root / "test" / "test-{000000..000001}.tar"), "test_count": 247}
 
 

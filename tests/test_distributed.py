@@ -78,13 +78,14 @@ def check_run(out, fmnist_small, world_size, steps_per_epoch):
 @pytest.mark.slow
 def test_two_torchrun_agents_train_the_demo(fmnist_small, tmp_path, processes):
     """Two torchrun agents (two 'nodes') meet at a c10d rendezvous on loopback, each
-    started by launchers/torchrun_multinode.sh as on a real cluster."""
+    started by launchers/torchrun_multinode.sh as on a real cluster. 3 training shards
+    over 2 ranks x 2 workers: no hang, the same number of steps on both ranks."""
     port = free_port()
     out = tmp_path / "run"
     env = {"NNODES": "2", "NPROC_PER_NODE": "1", "RDZV_ENDPOINT": f"127.0.0.1:{port}", "RDZV_ID": "nrd-test",
            "MAX_RESTARTS": "0", "PYTHON": sys.executable, "CONFIG": "configs/fmnist_demo.yaml"}
     for node in (0, 1):
-        cmd = ["bash", "launchers/torchrun_multinode.sh", *demo_args(fmnist_small, out)[1:]]
+        cmd = ["bash", "launchers/torchrun_multinode.sh", *demo_args(fmnist_small, out, "data.workers=2")[1:]]
         processes.start(cmd, tmp_path / f"agent{node}.log", env=env)
     codes = processes.wait_all(timeout=420)
     logs = "\n".join(read_tail(tmp_path / f"agent{n}.log") for n in (0, 1))
