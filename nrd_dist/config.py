@@ -297,6 +297,16 @@ class LogConfig:
 
 
 @dataclass
+class TrainConfig:
+    nonfinite: Literal["stop", "skip"] = "stop"  # what a non-finite loss does
+    nonfinite_budget: int = 10  # skip: steps that may be skipped before the run stops
+
+    def validate(self, path: str) -> None:
+        if self.nonfinite_budget < 0:
+            raise ConfigError(f"{path}.nonfinite_budget: must be >= 0, got {self.nonfinite_budget}")
+
+
+@dataclass
 class CheckpointConfig:
     every_steps: int = 0  # 0: only at epoch ends
     keep: int = 3
@@ -317,6 +327,7 @@ class Config:
     teacher: TeacherConfig = field(default_factory=TeacherConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     engine: EngineConfig = field(default_factory=EngineConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     log: LogConfig = field(default_factory=LogConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)

@@ -65,14 +65,17 @@ HELP = {
     "engine.sync_bn": "SyncBatchNorm for the student under DDP (CUDA only, as in torch)",
     "engine.grad_accum_steps": "gradient accumulation steps (deepspeed)",
     "engine.timeout_s": "collective timeout in seconds: a dead or stuck rank fails the job instead of hanging it",
+    "train.nonfinite": "a non-finite loss: stop (naming the step and the batch's sample keys) or skip the step",
+    "train.nonfinite_budget": "skip: steps that may be skipped (counted and logged) before the run stops",
     "eval.every_epochs": "evaluate on data.val every this many epochs (and after the last)",
     "eval.batch_size": "evaluation batch per rank; null: 2 x data.batch_size",
     "eval.label_correction_samples": "training samples in the final label-correction analysis (0: skip)",
     "eval.label_correction_views": "K AugMix teacher views averaged per sample in that analysis",
     "log.every_steps": "log line, metrics.jsonl record and TensorBoard scalars every this many steps",
-    "checkpoint.every_steps": "checkpoint every this many steps (0: epoch ends only)",
-    "checkpoint.keep": "checkpoints kept",
-    "checkpoint.resume": "auto, never or force",
+    "checkpoint.every_steps": "checkpoint every this many steps (0: epoch ends only); always at epoch ends",
+    "checkpoint.keep": "complete checkpoints kept (the newest)",
+    "checkpoint.resume": "auto (continue from the latest checkpoint in run.output_dir), never, or force "
+                         "(resume even if model, loss or data changed)",
 }
 
 

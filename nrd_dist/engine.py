@@ -163,9 +163,7 @@ class DDPEngine(Engine):
 
     def __init__(self, cfg: Config):
         super().__init__(cfg)
-        if not dist.is_initialized():
-            backend = "nccl" if self.device.type == "cuda" else "gloo"
-            dist.init_process_group(backend, timeout=collective_timeout(cfg))
+        init_process_group("nccl" if self.device.type == "cuda" else "gloo", collective_timeout(cfg))
 
     def setup(self, model: nn.Module, optimizer: torch.optim.Optimizer) -> None:
         from torch.nn.parallel import DistributedDataParallel
@@ -207,8 +205,9 @@ class DeepSpeedEngine(Engine):
             deepspeed_logger.setLevel(logging.WARNING)
         if self.precision == "fp16" and self.device.type == "cpu":
             raise ValueError("engine.precision: fp16 needs a GPU")
-        deepspeed.init_distributed(dist_backend="nccl" if self.device.type == "cuda" else "gloo",
-                                   timeout=collective_timeout(cfg))
+        backend = "nccl" if self.device.type == "cuda" else "gloo"
+        init_process_group(backend, collective_timeout(cfg))
+        deepspeed.init_distributed(dist_backend=backend, timeout=collective_timeout(cfg))  # adopts the group
         self.autocast_dtype = None
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=False)
         self.input_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(self.precision, torch.float32)
@@ -266,6 +265,28 @@ class DeepSpeedEngine(Engine):
     all_reduce_sum = DDPEngine.all_reduce_sum
     barrier = DDPEngine.barrier
     close = DDPEngine.close
+
+
+def init_process_group(backend: str, timeout: datetime.timedelta) -> None:
+    """``init_process_group`` that survives torchrun restarts.
+
+    Under torchrun's c10d rendezvous the workers share the agent's store, and torch
+    (2.14) reuses it across restarts without a per-attempt prefix: a restarted group
+    then reads the dead attempt's gloo addresses and fails ("Connection refused" /
+    "Connection reset by peer"). Prefixing the store by the restart count fixes that.
+    """
+    if dist.is_initialized():
+        return
+    if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True":
+        attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
+        world_size = int(os.environ["WORLD_SIZE"])
+        agent_store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), world_size,
+                                    is_master=False, timeout=timeout)
+        store = dist.PrefixStore(f"/nrd_dist/attempt_{attempt}", agent_store)
+        dist.init_process_group(backend, store=store, rank=int(os.environ["RANK"]), world_size=world_size,
+                                timeout=timeout)
+    else:
+        dist.init_process_group(backend, timeout=timeout)
 
 
 def collective_timeout(cfg: Config) -> datetime.timedelta:

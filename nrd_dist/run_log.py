@@ -19,14 +19,29 @@ class RunLog:
         self.output_dir = Path(output_dir)
         self._metrics = None
         self._tb = None
-        if enabled:
-            self.output_dir.mkdir(parents=True, exist_ok=True)
-            # Line-buffered: a crash loses at most the line being written. A rerun into the
-            # same folder starts the file afresh (resuming arrives with checkpoints).
-            self._metrics = open(self.output_dir / "metrics.jsonl", "w", buffering=1)
-            from torch.utils.tensorboard import SummaryWriter
 
-            self._tb = SummaryWriter(str(self.output_dir / "tensorboard"))
+    def open(self, resumed_step: Optional[int] = None) -> None:
+        """Start metrics.jsonl afresh, or, resuming from a checkpoint at ``resumed_step``,
+        keep the records up to it (the steps after it are about to be redone)."""
+        if not self.enabled:
+            return
+        self.output_dir.mkdir(parents=True, exist_ok=True)
+        path = self.output_dir / "metrics.jsonl"
+        kept = []
+        if resumed_step is not None and path.exists():
+            for line in path.read_text().splitlines():
+                try:
+                    if json.loads(line).get("step", 0) <= resumed_step:
+                        kept.append(line)
+                except ValueError:  # a line cut by the crash
+                    pass
+        # Line-buffered: a crash loses at most the line being written.
+        self._metrics = open(path, "w", buffering=1)
+        for line in kept:
+            self._metrics.write(line + "\n")
+        from torch.utils.tensorboard import SummaryWriter
+
+        self._tb = SummaryWriter(str(self.output_dir / "tensorboard"), purge_step=resumed_step)
 
     def record(self, **fields: Any) -> None:
         """Append one JSON object to metrics.jsonl and scalar fields to TensorBoard."""

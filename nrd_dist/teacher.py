@@ -213,6 +213,17 @@ class ZeroThreeTeacher(nn.Module):
     def state_dict(self, *args, **kwargs) -> dict[str, Any]:  # type: ignore[override]
         return {"model": self.full_state(), "calls": self.calls, "num_updates": self.num_updates}
 
+    def load_state_dict(self, state: dict[str, Any], strict: bool = True):  # type: ignore[override]
+        """Load a full (gathered) state into the partitions (collective)."""
+        import deepspeed
+
+        self.calls = int(state["calls"])
+        self.num_updates = int(state["num_updates"])
+        params = list(self.module.parameters())
+        with deepspeed.zero.GatheredParameters(params, modifier_rank=0):
+            # every rank loads the same full state; rank 0's copy is what gets partitioned
+            return self.module.load_state_dict(state["model"], strict=strict)
+
 
 def teacher_state(teacher) -> dict[str, torch.Tensor]:
     """The full teacher state on this rank (gathers under ZeRO-3: call on every rank)."""

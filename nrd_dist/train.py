@@ -30,6 +30,7 @@ from typing import Optional
 import numpy as np
 import torch
 
+from nrd_dist.checkpoint import Checkpointer, NonFiniteWeightsError
 from nrd_dist.config import Config, ConfigError, dump_config, load_config, to_dict
 from nrd_dist.data.augment import TrainViews, build_policy
 from nrd_dist.data.shards import ShardError, ShardStream, expand_urls, make_loader, set_epoch
@@ -146,7 +147,10 @@ class Trainer:
             for name, urls in plan.val_urls.items()
         }
         self.step = 0
+        self.epoch = 0
+        self.nonfinite_skipped = 0
         self.history: dict[str, list] = {}
+        self.checkpointer = Checkpointer(self)
 
     def _stream(self, urls, transform, train: bool, noise: bool = True) -> ShardStream:
         cfg = self.cfg
@@ -170,17 +174,42 @@ class Trainer:
             if self.teacher is not None:
                 teacher_probs = self.teacher.predict_probs(engine.to_device(batch["teacher"]))
         loss = self.loss_fn(student_logits, labels, teacher_probs)
+        if not self.loss_is_finite(loss, batch):
+            return None  # step skipped (train.nonfinite: skip)
         weights_changed = engine.step(loss, self.scheduler)
         if self.teacher is not None and weights_changed:
             self.teacher.update(engine.module)
         return loss.detach()
 
+    def loss_is_finite(self, loss: torch.Tensor, batch: dict) -> bool:
+        """Agreed by all ranks (one tiny all-reduce), so they all skip or all step."""
+        bad = self.engine.all_reduce_sum((~torch.isfinite(loss.detach())).float().reshape(1).cpu())
+        if float(bad) == 0:
+            return True
+        where = f"step {self.step + 1} (epoch {self.epoch}); batch sample keys {batch['key'][:8]}"
+        if self.cfg.train.nonfinite == "stop":
+            raise NonFiniteLossError(f"non-finite loss at {where} (train.nonfinite=stop)")
+        self.nonfinite_skipped += 1
+        self.engine.optimizer.zero_grad(set_to_none=True)
+        self.log.info(f"skipped non-finite loss at {where} ({self.nonfinite_skipped} of "
+                      f"train.nonfinite_budget={self.cfg.train.nonfinite_budget})")
+        self.log.record(epoch=self.epoch, step=self.step, nonfinite_skipped=self.nonfinite_skipped)
+        if self.nonfinite_skipped > self.cfg.train.nonfinite_budget:
+            raise NonFiniteLossError(f"non-finite losses exceeded train.nonfinite_budget="
+                                     f"{self.cfg.train.nonfinite_budget}; last at {where}")
+        return False
+
     # ------------------------------------------------------------------ the run
 
     def fit(self) -> dict:
         cfg, log = self.cfg, self.log
+        position = self.checkpointer.resume()  # continues the latest complete checkpoint, if any
+        log.open(resumed_step=self.step if position else None)
         if log.enabled:
             dump_config(cfg, self.out / "config.yaml")
+        if position:
+            log.info(f"resumed from {position['path']} at step {self.step} (epoch {position['epoch']}, "
+                     f"batch {position['batches_in_epoch']}; it was written by {position['world_size']} ranks)")
         if cfg.loss.ignored_params():
             log.info(f"loss {cfg.loss.name} takes no {', '.join(cfg.loss.ignored_params())}: ignored")
         log.info(f"training {cfg.model.arch} with loss {cfg.loss.name} on {self.plan.train_samples} samples "
@@ -188,41 +217,49 @@ class Trainer:
                  f"epochs, world size {self.engine.world_size}, {self.engine.device}, {self.engine.precision}")
         start = time.time()
         train_time, train_samples = 0.0, 0
-        for epoch in range(cfg.optim.epochs):
+        first_epoch, skip = (position["epoch"], position["batches_in_epoch"]) if position else (0, 0)
+        for epoch in range(first_epoch, cfg.optim.epochs):
             epoch_start = time.time()
-            seen = self.train_epoch(epoch)
+            seen = self.train_epoch(epoch, skip)
+            skip = 0
             train_time += time.time() - epoch_start
             train_samples += seen * self.engine.world_size
             if (epoch + 1) % cfg.eval.every_epochs == 0 or epoch + 1 == cfg.optim.epochs:
                 self.run_evaluation(epoch)
+            self.checkpointer.save(epoch + 1, 0)
+        if not hasattr(self, "last_meters"):  # resumed after the last epoch's checkpoint
+            self.run_evaluation(cfg.optim.epochs - 1)
         summary = self.finish(time.time() - start, train_samples / max(train_time, 1e-9))
         log.close()
         return summary
 
-    def train_epoch(self, epoch: int) -> int:
+    def train_epoch(self, epoch: int, skip: int = 0) -> int:
+        """One epoch of ``steps_per_epoch`` batches; ``skip`` batches were already trained
+        on before the checkpoint this run resumed from."""
         cfg, log = self.cfg, self.log
+        self.epoch = epoch
         set_epoch(self.train_loader, epoch)
         self.engine.module.train()
         bar = log.progress(self.steps_per_epoch, f"epoch {epoch + 1}/{cfg.optim.epochs}")
-        window_loss, window_steps, window_start, seen = 0.0, 0, time.time(), 0
+        window_steps, window_start, seen = 0, time.time(), 0
         pending = torch.zeros((), device=self.engine.device)
         batches = iter(self.train_loader)  # endless: every rank takes exactly steps_per_epoch
-        for _ in range(self.steps_per_epoch):
+        for _ in range(skip):  # the stream is deterministic: re-drawing puts it where it stopped
+            next(batches)
+        bar.update(skip)
+        for batch_index in range(skip, self.steps_per_epoch):
             batch = next(batches)
             loss = self.train_step(batch)
             self.step += 1
             if self.teacher is not None and cfg.teacher.verify_every and self.step % cfg.teacher.verify_every == 0:
                 verify_teacher(self.teacher, self.step)
             seen += len(batch["label"])
-            pending += loss.float()
-            window_steps += 1
+            if loss is not None:
+                pending += loss.float()
+                window_steps += 1
             bar.update(1)
-            if self.step % cfg.log.every_steps == 0 or window_steps == self.steps_per_epoch:
+            if window_steps and (self.step % cfg.log.every_steps == 0 or batch_index + 1 == self.steps_per_epoch):
                 window_loss = float(pending) / window_steps  # one device sync per log interval
-                if not math.isfinite(window_loss):
-                    raise NonFiniteLossError(
-                        f"non-finite loss ({window_loss}) at step {self.step}, epoch {epoch}; last batch keys: "
-                        f"{batch['key'][:8]}")
                 rate = window_steps * len(batch["label"]) * self.engine.world_size / (time.time() - window_start)
                 lr = self.scheduler.get_last_lr()[0]
                 bar.set_postfix(loss=f"{window_loss:.4f}", lr=f"{lr:.4g}", samples_s=f"{rate:.0f}")
@@ -231,6 +268,9 @@ class Trainer:
                          f"samples/s {rate:.0f}")
                 pending.zero_()
                 window_steps, window_start = 0, time.time()
+            every = cfg.checkpoint.every_steps
+            if every and self.step % every == 0 and batch_index + 1 < self.steps_per_epoch:
+                self.checkpointer.save(epoch, batch_index + 1)
         bar.close()
         del batches  # stops this epoch's workers before the next epoch's start
         return seen
@@ -273,6 +313,7 @@ class Trainer:
     def finish(self, wall_time: float, samples_per_s: float) -> dict:
         cfg, log = self.cfg, self.log
         summary: dict = {"loss": cfg.loss.name, "noise": to_dict(cfg.data.noise), "steps": self.step,
+                         "nonfinite_skipped": self.nonfinite_skipped,
                          "epochs": cfg.optim.epochs, "wall_time_s": round(wall_time, 2),
                          "train_samples_per_s": round(samples_per_s, 1), "val": {}, "plots": []}
         for key, points in self.history.items():
@@ -358,7 +399,7 @@ def main(argv: Optional[list[str]] = None) -> int:
         return 2
     try:
         Trainer(cfg, plan, engine).fit()
-    except (ShardError, NonFiniteLossError, TeacherDivergedError) as err:
+    except (ShardError, NonFiniteLossError, NonFiniteWeightsError, TeacherDivergedError, ConfigError) as err:
         print(f"error (rank {engine.rank}): {err}", file=sys.stderr)
         return 1
     except BaseException as err:

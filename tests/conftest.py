@@ -102,17 +102,28 @@ class ProcessGroup:
         return [p.returncode for p in self.procs]
 
     def stop(self):
-        import os
-        import signal
-
         for proc in self.procs:
-            if proc.poll() is None:
-                try:
-                    os.killpg(proc.pid, signal.SIGKILL)  # the launcher and every worker it started
-                except ProcessLookupError:
-                    pass
-                proc.wait()
+            kill_tree(proc.pid)
+            proc.wait()
             proc.log_file.close()
+
+
+def kill_tree(pid: int) -> None:
+    """SIGKILL a process and all its descendants, found by PID: launchers start their
+    workers in sessions of their own, so killing the launcher's group is not enough."""
+    import psutil
+
+    try:
+        root = psutil.Process(pid)
+        family = root.children(recursive=True) + [root]
+    except psutil.NoSuchProcess:
+        return
+    for proc in family:
+        try:
+            proc.kill()
+        except psutil.NoSuchProcess:
+            pass
+    psutil.wait_procs(family, timeout=30)
 
 
 def read_tail(path, chars=4000):

@@ -137,10 +137,10 @@ def test_uncountable_shards_need_samples_per_epoch(fmnist_small, tmp_path):
     from nrd_dist.train import plan_data
 
     shutil.copy(fmnist_small["root"] / "train" / "train-000000.tar", tmp_path / "x-000000.tar")
-    cfg = load_config(DEMO, [f"data.train={tmp_path / 'x-000000.tar'}"])
+    cfg = load_config(DEMO, [f"data.train={tmp_path / 'x-000000.tar'}", "data.val={}"])
     with pytest.raises(ConfigError, match="data.samples_per_epoch: cannot count"):
         plan_data(cfg)
-    cfg = load_config(DEMO, [f"data.train={tmp_path / 'x-000000.tar'}", "data.samples_per_epoch=160"])
+    cfg = load_config(DEMO, [f"data.train={tmp_path / 'x-000000.tar'}", "data.val={}", "data.samples_per_epoch=160"])
     assert plan_data(cfg).train_samples == 160
 
 
@@ -199,7 +199,7 @@ def test_shipped_configs_have_valid_keys():
 
 def test_engine_settings_this_machine_cannot_run_fail_early(fmnist_small, tmp_path):
     out = tmp_path / "never"
-    proc = run_train([DEMO, f"data.train={fmnist_small['train']}", f"run.output_dir={out}",
-                      "engine.precision=fp16"], timeout=120)
+    proc = run_train([DEMO, f"data.train={fmnist_small['train']}", f"data.val.fmnist_test={fmnist_small['test']}",
+                      f"run.output_dir={out}", "engine.precision=fp16"], timeout=120)
     assert proc.returncode == 2 and "engine.precision: fp16 needs a GPU" in proc.stderr
     assert not out.exists()

@@ -1,0 +1,71 @@
+"""``python tools/export_model.py RUN_DIR --which student|teacher --out FILE.pt``
+
+Writes a plain ``state_dict`` of the student or the EMA teacher from the latest complete
+checkpoint of a run (any engine: one process, DDP, DeepSpeed ZeRO 0-3), loadable by the
+bare model: ``build_model(arch, num_classes, in_channels).load_state_dict(torch.load(FILE))``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+from typing import Optional
+
+import torch
+
+from nrd_dist.checkpoint import COMPLETE, LATEST
+from nrd_dist.config import load_config
+
+
+def latest_checkpoint(run_dir: Path) -> Path:
+    root = run_dir / "checkpoints"
+    pointer = root / LATEST
+    if not pointer.exists():
+        raise FileNotFoundError(f"{run_dir}: no checkpoint (missing {pointer})")
+    path = root / pointer.read_text().strip()
+    if not (path / COMPLETE).exists():
+        raise FileNotFoundError(f"{path}: incomplete checkpoint")
+    return path
+
+
+def export_state(run_dir: Path, which: str) -> dict[str, torch.Tensor]:
+    cfg = load_config(run_dir / "config.yaml")
+    path = latest_checkpoint(run_dir)
+    shared = torch.load(path / "shared.pt", map_location="cpu", weights_only=True)
+    if which == "teacher":
+        if shared.get("teacher") is None:
+            raise ValueError(f"{run_dir}: loss {cfg.loss.name!r} keeps no teacher")
+        return shared["teacher"]["model"]
+    if "student" in shared:
+        return shared["student"]
+    # DeepSpeed: ZeRO stages 1-3 keep fp32 master weights partitioned; consolidate them.
+    ds_dir = path / "deepspeed"
+    if cfg.engine.zero_stage == 0:
+        return torch.load(ds_dir / "state" / "mp_rank_00_model_states.pt", map_location="cpu",
+                          weights_only=False)["module"]
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+    return dict(get_fp32_state_dict_from_zero_checkpoint(str(ds_dir), tag="state"))
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    parser = argparse.ArgumentParser(prog="export_model.py", description=__doc__.split("\n\n")[0])
+    parser.add_argument("run_dir", type=Path)
+    parser.add_argument("--which", choices=["student", "teacher"], default="teacher")
+    parser.add_argument("--out", type=Path, required=True)
+    args = parser.parse_args(argv)
+    try:
+        state = export_state(args.run_dir, args.which)
+    except (FileNotFoundError, ValueError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    state = {k: v.detach().clone().contiguous() for k, v in state.items()}
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    torch.save(state, args.out)
+    print(f"wrote the {args.which} ({len(state)} tensors) to {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,251 @@
+"""Checkpoints: atomic writes, exact resume after a real SIGKILL, config checks,
+non-finite handling."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+from conftest import REPO, read_tail, run_train
+
+DEMO = REPO / "configs" / "fmnist_demo.yaml"
+
+
+def args(fmnist_small, out, *extra):
+    return [DEMO, f"data.train={fmnist_small['train']}", f"data.val.fmnist_test={fmnist_small['test']}",
+            f"run.output_dir={out}", "data.batch_size=32", "data.workers=1", "optim.epochs=2",
+            "eval.label_correction_samples=0", "checkpoint.every_steps=3", "log.every_steps=1", *extra]
+
+
+def final_state(out):
+    latest = (out / "checkpoints" / "latest").read_text().strip()
+    return torch.load(out / "checkpoints" / latest / "shared.pt", map_location="cpu", weights_only=True)
+
+
+def last_step(out):
+    path = out / "metrics.jsonl"
+    if not path.exists():
+        return 0
+    steps = [json.loads(line).get("step", 0) for line in path.read_text().splitlines() if line.strip()]
+    return max(steps, default=0)
+
+
+@pytest.mark.slow
+def test_sigkill_mid_epoch_then_resume_is_bitwise_identical(fmnist_small, tmp_path, processes):
+    reference = tmp_path / "uninterrupted"
+    proc = run_train(args(fmnist_small, reference))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+
+    out = tmp_path / "killed"
+    victim = processes.start([sys.executable, "-m", "nrd_dist.train", *args(fmnist_small, out)], tmp_path / "a.log")
+    deadline = time.time() + 240
+    while last_step(out) < 8 and victim.poll() is None and time.time() < deadline:
+        time.sleep(0.05)
+    assert victim.poll() is None, "the run ended before it could be killed"
+    os.killpg(victim.pid, signal.SIGKILL)  # the trainer and its DataLoader worker, mid-epoch
+    victim.wait()
+    killed_at = last_step(out)
+    assert 8 <= killed_at < 10  # inside epoch 0 (10 steps per epoch), after the step-6 checkpoint
+
+    proc = run_train(args(fmnist_small, out))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "resumed from" in proc.stdout and "at step 6 (epoch 0, batch 6" in proc.stdout
+    a, b = final_state(reference), final_state(out)
+    assert a["step"] == b["step"] == 20
+    for part in ("student",):
+        for k in a[part]:
+            assert torch.equal(a[part][k], b[part][k]), f"{part} {k}"
+    for k in a["teacher"]["model"]:
+        assert torch.equal(a["teacher"]["model"][k], b["teacher"]["model"][k]), f"teacher {k}"
+    # metrics.jsonl holds each step once: the redone steps replaced the lost ones
+    steps = [json.loads(line)["step"] for line in (out / "metrics.jsonl").read_text().splitlines()
+             if "loss" in json.loads(line)]
+    assert steps == sorted(set(steps)) and steps[-1] == 20
+    assert len(list((out / "checkpoints").glob("step_*"))) == 3  # checkpoint.keep
+
+
+def test_changed_config_refuses_to_resume_unless_forced(fmnist_small, tmp_path):
+    out = tmp_path / "run"
+    proc = run_train(args(fmnist_small, out, "optim.epochs=1"))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    proc = run_train(args(fmnist_small, out, "optim.epochs=2", "loss.name=ce", "data.noise.rate=0.2"))
+    assert proc.returncode != 0
+    assert "checkpoint.resume" in proc.stderr
+    assert "loss.name: checkpoint 'nrd' -> now 'ce'" in proc.stderr
+    assert "data.noise.rate: checkpoint 0.4 -> now 0.2" in proc.stderr
+    proc = run_train(args(fmnist_small, out, "optim.epochs=2"))  # only the length changed: resumes
+    assert proc.returncode == 0 and "resumed from" in proc.stdout, proc.stderr[-2000:]
+    assert final_state(out)["step"] == 20
+
+
+def test_killed_while_writing_leaves_the_previous_checkpoint(fmnist_small, tmp_path):
+    """A real SIGKILL in the middle of writing the second checkpoint's shared.pt."""
+    out = tmp_path / "run"
+    script = f"""
+import os, signal, sys
+import torch
+import nrd_dist.checkpoint as ckpt
+real_save = torch.save
+count = {{"n": 0}}
+def dying_save(obj, path, *a, **k):
+    if str(path).endswith("shared.pt.tmp"):
+        count["n"] += 1
+        if count["n"] == 2:  # the second checkpoint: write half a file, then die
+            with open(path, "wb") as f:
+                f.write(b"partial")
+            os.kill(os.getpid(), signal.SIGKILL)
+    return real_save(obj, path, *a, **k)
+torch.save = dying_save
+from nrd_dist.train import main
+sys.exit(main({[str(a) for a in args(fmnist_small, out)]!r}))
+"""
+    proc = subprocess.run([sys.executable, "-c", script], cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == -signal.SIGKILL
+    root = out / "checkpoints"
+    assert (root / "latest").read_text().strip() == "step_000000003"
+    assert list(root.glob("step_000000006.tmp"))  # the half-written one, never renamed
+    proc = run_train(args(fmnist_small, out))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "at step 3 (epoch 0, batch 3" in proc.stdout
+    assert not list(root.glob("*.tmp"))  # cleaned up
+
+
+@pytest.mark.parametrize("policy", ["stop", "skip"])
+def test_nonfinite_loss_policy(fmnist_small, tmp_path, policy):
+    out = tmp_path / policy
+    # an absurd learning rate overflows the weights within a few steps
+    # (skip: no step checkpoints, so the run meets the non-finite losses, not the
+    # checkpoint's own refusal to write non-finite weights)
+    every = 1 if policy == "stop" else 0
+    proc = run_train(args(fmnist_small, out, "optim.lr=1e30", "loss.name=ce", f"train.nonfinite={policy}",
+                          "train.nonfinite_budget=2", f"checkpoint.every_steps={every}"))
+    assert proc.returncode == 1
+    if policy == "stop":  # either the loss or, first, the checkpoint's weight check stops it
+        assert ("train.nonfinite=stop" in proc.stderr and "batch sample keys ['train_" in proc.stderr) or \
+            "the weights are not finite; no checkpoint written" in proc.stderr, proc.stderr[-2000:]
+    else:
+        assert "exceeded train.nonfinite_budget=2" in proc.stderr
+        assert "skipped non-finite loss" in proc.stdout
+    latest = out / "checkpoints" / "latest"
+    if latest.exists():  # whatever was written holds finite weights only
+        state = final_state(out)
+        assert all(torch.isfinite(v).all() for v in state["student"].values() if v.is_floating_point())
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("engine", [[], ["engine.backend=deepspeed", "engine.zero_stage=3"]], ids=["ddp", "zero3"])
+def test_export_model_loads_into_the_bare_model_and_reproduces_the_run(fmnist_small, tmp_path, engine):
+    from nrd_dist.data.augment import build_policy
+    from nrd_dist.data.shards import ShardStream, expand_urls, make_loader
+    from nrd_dist.models import build_model
+
+    out = tmp_path / "run"
+    proc = run_train(args(fmnist_small, out, "optim.epochs=1", *engine))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    summary = json.loads((out / "summary.json").read_text())
+    stream = ShardStream(expand_urls(fmnist_small["test"]), build_policy("fmnist").eval, 10, channels=1, train=False)
+    images, labels = zip(*[(b["image"], b["label"]) for b in make_loader(stream, 64, 0, drop_last=False)])
+    images, labels = torch.cat(images), torch.cat(labels)
+    for which in ("student", "teacher"):
+        exported = tmp_path / f"{which}.pt"
+        proc = subprocess.run([sys.executable, "tools/export_model.py", out, "--which", which, "--out", exported],
+                              cwd=REPO, capture_output=True, text=True, timeout=120)
+        assert proc.returncode == 0, proc.stderr[-2000:]
+        model = build_model("small_cnn", 10, 1)
+        model.load_state_dict(torch.load(exported, weights_only=True))  # strict: every key, nothing else
+        model.eval()
+        with torch.no_grad():
+            top1 = 100.0 * float((model(images).argmax(1) == labels).float().mean())
+        assert top1 == pytest.approx(summary["val"]["fmnist_test"][which]["last_top1"], abs=1e-6)
+
+
+def test_export_errors(tmp_path):
+    proc = subprocess.run([sys.executable, "tools/export_model.py", tmp_path, "--out", tmp_path / "x.pt"],
+                          cwd=REPO, capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 2 and "error:" in proc.stderr
+
+
+
+@pytest.mark.slow
+def test_torchrun_restarts_a_killed_worker_and_the_result_is_bitwise_identical(fmnist_small, tmp_path, processes):
+    """torchrun --max-restarts 2 with 2 ranks; one rank is SIGKILLed mid-epoch; the group
+    restarts, resumes from the latest checkpoint and ends bitwise where an uninterrupted
+    run ends."""
+    import psutil
+
+    from conftest import free_port
+
+    def torchrun(port, restarts, out):
+        return [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--rdzv-backend", "c10d",
+                "--rdzv-endpoint", f"127.0.0.1:{port}", "--max-restarts", restarts, "-m", "nrd_dist.train",
+                *[str(a) for a in args(fmnist_small, out, "data.batch_size=8")]]
+
+    reference = tmp_path / "uninterrupted"
+    ref = processes.start(torchrun(free_port(), "0", reference), tmp_path / "ref.log")
+    assert processes.wait_all(timeout=400) == [0], read_tail(ref.log_path)
+
+    out = tmp_path / "killed"
+    agent = processes.start(torchrun(free_port(), "2", out), tmp_path / "agent.log")
+    deadline = time.time() + 300
+    while last_step(out) < 7 and agent.poll() is None and time.time() < deadline:
+        time.sleep(0.02)
+    workers = [p for p in psutil.Process(agent.pid).children()
+               if "nrd_dist.train" in " ".join(p.cmdline())]
+    assert len(workers) == 2, [p.cmdline() for p in workers]
+    killed_at = last_step(out)
+    workers[1].send_signal(signal.SIGKILL)  # one rank dies mid-epoch (20 steps per epoch)
+    assert 7 <= killed_at < 20
+    assert processes.wait_all(timeout=400) == [0, 0], read_tail(agent.log_path)
+    log = (tmp_path / "agent.log").read_text()
+    assert "resumed from" in log  # the restarted group continued from the latest checkpoint
+    a, b = final_state(reference), final_state(out)
+    assert a["step"] == b["step"] == 40
+    for k in a["student"]:
+        assert torch.equal(a["student"][k], b["student"][k]), f"student {k}"
+    for k in a["teacher"]["model"]:
+        assert torch.equal(a["teacher"]["model"][k], b["teacher"]["model"][k]), f"teacher {k}"
+
+
+@pytest.mark.slow
+def test_elastic_survivor_continues_at_the_smaller_world_size(fmnist_small, tmp_path, processes):
+    """torchrun --nnodes 1:2: two agents form the job; one agent (and its worker) is
+    killed; the survivor re-forms the job alone and finishes from the last checkpoint."""
+    from conftest import free_port, kill_tree
+
+    port = free_port()
+    out = tmp_path / "run"
+    agents = []
+    for node in (0, 1):
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "1:2", "--nproc-per-node", "1",
+               "--rdzv-backend", "c10d", "--rdzv-endpoint", f"127.0.0.1:{port}", "--rdzv-id", "elastic-test",
+               "--rdzv-conf", "last_call_timeout=3", "--max-restarts", "3", "-m", "nrd_dist.train",
+               *[str(a) for a in args(fmnist_small, out, "data.batch_size=4", "optim.epochs=3")]]
+        agents.append(processes.start(cmd, tmp_path / f"agent{node}.log"))
+    deadline = time.time() + 300
+    while last_step(out) < 10 and all(a.poll() is None for a in agents) and time.time() < deadline:
+        time.sleep(0.02)
+    # The rendezvous store lives in whichever agent bound the endpoint first (on a
+    # cluster: the endpoint host, which stays); the node that leaves is the other one.
+    import psutil
+
+    def hosts_store(agent):
+        return any(c.status == psutil.CONN_LISTEN and c.laddr.port == port
+                   for c in psutil.Process(agent.pid).net_connections(kind="tcp"))
+
+    survivor, leaving = (0, 1) if hosts_store(agents[0]) else (1, 0)
+    kill_tree(agents[leaving].pid)  # that node leaves: its agent and its worker die
+    killed_at = last_step(out)
+    assert 10 <= killed_at < 100, "the node must leave mid-run (40 steps per epoch, 3 epochs)"
+    agents[leaving].wait()
+    assert processes.wait_all(timeout=400)[survivor] == 0, read_tail(agents[survivor].log_path)
+    log = (tmp_path / f"agent{survivor}.log").read_text()
+    assert "world size 2" in log and "world size 1" in log
+    assert "it was written by 2 ranks" in log  # resumed at the smaller world size
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["val"]["fmnist_test"]["student"]["last_top1"] > 0
+    assert final_state(out)["world_size"] == 1
