@@ -19,7 +19,8 @@ DEMO = REPO / "configs" / "fmnist_demo.yaml"
 def args(fmnist_small, out, *extra):
     return [DEMO, f"data.train={fmnist_small['train']}", f"data.val.fmnist_test={fmnist_small['test']}",
             f"run.output_dir={out}", "data.batch_size=32", "data.workers=1", "optim.epochs=2",
-            "eval.label_correction_samples=0", "checkpoint.every_steps=3", "log.every_steps=1", *extra]
+            "eval.label_correction_samples=0", "checkpoint.every_steps=3", "checkpoint.keep=3", "log.every_steps=1",
+            *extra]
 
 
 def final_state(out):
