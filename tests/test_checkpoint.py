@@ -248,7 +248,9 @@ def test_elastic_survivor_continues_at_the_smaller_world_size(fmnist_small, tmp_
     agents[leaving].wait()
     assert processes.wait_all(timeout=400)[survivor] == 0, read_tail(agents[survivor].log_path)
     log = (tmp_path / f"agent{survivor}.log").read_text()
-    assert "world size 2" in log and "world size 1" in log
+    both = log + (tmp_path / f"agent{leaving}.log").read_text()
+    assert "world size 2" in both  # logged by rank 0 of the 2-node job, on either node
+    assert "world size 1" in log  # the survivor alone
     assert "it was written by 2 ranks" in log  # resumed at the smaller world size
     summary = json.loads((out / "summary.json").read_text())
     assert summary["val"]["fmnist_test"]["student"]["last_top1"] > 0
