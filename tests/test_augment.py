@@ -364,7 +364,6 @@ def test_train_views_without_teacher():
 # ----------------------------------------------------------------------------- real data
 
 
-@pytest.mark.skipif(not FMNIST_TEST_IMAGES.exists(), reason="Fashion-MNIST test images not installed")
 def test_fmnist_teacher_view_on_a_real_image():
     img = load_fmnist_first_image()
     assert img.dtype == torch.uint8 and img.shape == (1, 28, 28) and img.float().std() > 10
