@@ -6,6 +6,7 @@ Layout under ``run.output_dir/checkpoints/``::
         shared.pt              student, teacher, optimizer, scheduler, scaler, position, config
         rank0.pt, rank1.pt     each rank's RNG states (Python, NumPy, torch, CUDA)
         deepspeed/             DeepSpeed's own files (engine.backend: deepspeed), all ranks
+        zero_portable.pt       ZeRO: full fp32 weights + optimizer state, any world size
         COMPLETE
     latest                     the name of the newest complete checkpoint, replaced last
 
@@ -27,10 +28,12 @@ from typing import Any, Optional
 import numpy as np
 import torch
 
+from nrd_dist import zero_portable
 from nrd_dist.config import Config, ConfigError, to_dict
 
 LATEST = "latest"
 COMPLETE = "COMPLETE"
+PORTABLE = "zero_portable.pt"
 
 # Sections whose change makes a checkpoint meaningless for this run.
 RESUME_CRITICAL = ("model", "loss", "data.train", "data.num_classes", "data.noise", "data.augment",
@@ -108,6 +111,10 @@ class Checkpointer:
         teacher_state = t.teacher.state_dict() if t.teacher is not None else None  # collective under ZeRO-3
         if engine.cfg.engine.backend == "deepspeed":
             engine.model.save_checkpoint(str(tmp / "deepspeed"), tag="state")  # every rank writes its part
+            if self._sharded and t.cfg.checkpoint.zero_portable:
+                portable = zero_portable.gather(engine.module, engine.optimizer, engine.is_main)  # collective
+                if engine.is_main:
+                    _atomic_save(portable, tmp / PORTABLE)
         if engine.is_main:
             shared = {
                 "step": t.step, "epoch": epoch, "batches_in_epoch": batches_in_epoch,
@@ -133,6 +140,11 @@ class Checkpointer:
             self._prune()
         engine.barrier()
         return final
+
+    @property
+    def _sharded(self) -> bool:
+        """Whether DeepSpeed's files hold per-rank optimizer partitions (ZeRO-1/2/3)."""
+        return self.engine.cfg.engine.backend == "deepspeed" and self.engine.cfg.engine.zero_stage > 0
 
     def _weights_finite(self) -> bool:
         module = self.engine.module  # parameters and floating buffers (BatchNorm statistics)
@@ -171,12 +183,18 @@ class Checkpointer:
             raise ConfigError(
                 f"checkpoint.resume: {path} was written with a different config; resuming would be wrong:\n  "
                 + "\n  ".join(differences) + "\nuse a new run.output_dir, or checkpoint.resume=force")
-        if engine.cfg.engine.backend == "deepspeed":
-            if shared["world_size"] != engine.world_size and cfg.engine.zero_stage > 0:
+        if self._sharded and shared["world_size"] != engine.world_size:
+            # DeepSpeed's partitions fit only the world size that wrote them.
+            if not (path / PORTABLE).exists():
                 raise ConfigError(
-                    f"checkpoint.resume: {path} holds ZeRO-{cfg.engine.zero_stage} optimizer shards of "
-                    f"{shared['world_size']} ranks; resuming them on {engine.world_size} ranks is not supported "
-                    "yet (DDP resumes at any world size); export the weights with tools/export_model.py")
+                    f"checkpoint.resume: {path} holds ZeRO-{cfg.engine.zero_stage} optimizer partitions of "
+                    f"{shared['world_size']} ranks and no {PORTABLE} (checkpoint.zero_portable was false), so it "
+                    f"resumes only on {shared['world_size']} ranks, not {engine.world_size}; "
+                    "tools/export_model.py still exports its weights")
+            portable = torch.load(path / PORTABLE, map_location="cpu", weights_only=True)
+            zero_portable.load(engine.module, engine.optimizer, portable)
+            engine.model.global_steps = shared["step"] // cfg.engine.grad_accum_steps
+        elif engine.cfg.engine.backend == "deepspeed":
             engine.model.load_checkpoint(str(path / "deepspeed"), tag="state", load_lr_scheduler_states=False)
         else:
             engine.module.load_state_dict(shared["student"])

@@ -311,6 +311,7 @@ class CheckpointConfig:
     every_steps: int = 0  # 0: only at epoch ends
     keep: int = 3
     resume: Literal["auto", "never", "force"] = "auto"
+    zero_portable: bool = True  # ZeRO: also save a world-size-independent copy (elastic resume)
 
     def validate(self, path: str) -> None:
         if self.every_steps < 0:

@@ -74,6 +74,9 @@ HELP = {
     "log.every_steps": "log line, metrics.jsonl record and TensorBoard scalars every this many steps",
     "checkpoint.every_steps": "checkpoint every this many steps (0: epoch ends only); always at epoch ends",
     "checkpoint.keep": "complete checkpoints kept (the newest)",
+    "checkpoint.zero_portable": "ZeRO-1/2/3: also save the full fp32 weights and optimizer state gathered on rank 0, so "
+                                "the run can resume on a different number of ranks (elastic); off skips the gather "
+                                "for models too large for one rank's memory",
     "checkpoint.resume": "auto (continue from the latest checkpoint in run.output_dir), never, or force "
                          "(resume even if model, loss or data changed)",
 }
