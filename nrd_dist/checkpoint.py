@@ -125,6 +125,7 @@ class Checkpointer:
                 "scaler": engine.scaler.state_dict(),
                 "history": {k: [list(p) for p in v] for k, v in t.history.items()},
                 "nonfinite_skipped": t.nonfinite_skipped,
+                "bad_data": t.bad_data.state_dict(),
             }
             if engine.cfg.engine.backend != "deepspeed":
                 shared["student"] = engine.module.state_dict()
@@ -206,6 +207,8 @@ class Checkpointer:
         t.step = shared["step"]
         t.history = {k: [tuple(p) for p in v] for k, v in shared["history"].items()}
         t.nonfinite_skipped = shared["nonfinite_skipped"]
+        if "bad_data" in shared:  # checkpoints written before bad-data counting have none
+            t.bad_data.load_state_dict(shared["bad_data"])
         epoch, batches = shared["epoch"], shared["batches_in_epoch"]
         rank_file = path / f"rank{engine.rank}.pt"
         if shared["world_size"] == engine.world_size:

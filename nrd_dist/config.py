@@ -109,6 +109,9 @@ class DataConfig:
     noise: NoiseConfig = field(default_factory=NoiseConfig)
     augment: AugmentConfig = field(default_factory=AugmentConfig)
     storage: dict[str, Any] = field(default_factory=dict)  # fsspec storage options
+    retries: int = 4  # attempts after a transient storage error, with exponential backoff
+    retry_backoff_s: float = 0.5  # first backoff; doubles per attempt
+    max_bad_fraction: float = 0.001  # corrupt samples / truncated shards tolerated, as a fraction
 
     def validate(self, path: str) -> None:
         _positive(f"{path}.num_classes", self.num_classes)
@@ -119,6 +122,11 @@ class DataConfig:
             raise ConfigError(f"{path}.shuffle_buffer: must be >= 0, got {self.shuffle_buffer}")
         if self.samples_per_epoch is not None:
             _positive(f"{path}.samples_per_epoch", self.samples_per_epoch)
+        if self.retries < 0 or self.retry_backoff_s < 0:
+            raise ConfigError(f"{path}.retries / {path}.retry_backoff_s: must be >= 0, got "
+                              f"{self.retries} / {self.retry_backoff_s}")
+        if not 0 <= self.max_bad_fraction <= 1:
+            raise ConfigError(f"{path}.max_bad_fraction: must be in [0, 1], got {self.max_bad_fraction}")
         if self.noise.type != "none":
             # The noise module is the one judge of a spec (maps and matrices need the
             # class count); its messages name the field as "noise.<field>".
@@ -393,7 +401,11 @@ def to_dict(cfg: Any) -> Any:
 
 
 def dump_config(cfg: Config, path: Union[str, Path]) -> None:
-    Path(path).write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
+    """The resolved config as YAML, with storage secrets (``data.storage.secret`` ...)
+    written as ``***``: run folders get copied and shared."""
+    from nrd_dist.data.storage import redact_config
+
+    Path(path).write_text(yaml.safe_dump(redact_config(to_dict(cfg)), sort_keys=False))
 
 
 def all_keys(cls: type = Config, prefix: str = "") -> list[str]:

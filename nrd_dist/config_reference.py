@@ -33,7 +33,14 @@ HELP = {
     "data.augment.image_size": "crop size of every view in pixels; null: 28 / 32 / 224 by policy",
     "data.augment.resize_size": "eval resize before the centre crop (imagenet policy)",
     "data.augment.cutout": "Cutout square side in pixels (cifar student view); 0 disables it",
-    "data.storage": "fsspec storage options for remote shards (endpoint_url, profile, anon, ...)",
+    "data.storage": "options for remote shards (s3://, gs://, http(s)://): endpoint_url, profile, region, "
+                    "anonymous, or any fsspec option; credentials from the AWS environment, never logged",
+    "data.retries": "retries of a transient storage error (connection, timeout, 5xx) while opening or reading "
+                    "a shard; a read resumes at the byte it reached",
+    "data.retry_backoff_s": "seconds before the first retry; doubled for each further one",
+    "data.max_bad_fraction": "corrupt samples and truncated shards are skipped, counted and logged (key, shard "
+                             "URL); the run stops once they exceed this fraction of the samples read (at least "
+                             "one epoch's worth)",
     "model.arch": "small_cnn, preact_resnet18, preact_resnet34 or resnet50 (random init)",
     "model.in_channels": "input channels: 1 for grey images, 3 for RGB",
     "loss.name": "nrd, ce_nrd, ce, bs, ls, sce, gce, nce_rce, js or gjs",

@@ -17,6 +17,8 @@ from typing import Callable, Iterable, Iterator, Mapping, Optional
 
 import torch
 
+from nrd_dist.data.bad_data import bad_reports
+
 from nrd_dist.metrics import ClassificationMeter
 
 # name -> function mapping an image batch [B, C, H, W] to logits [B, K]
@@ -32,6 +34,7 @@ class EvalContext:
     reduce_sum: Callable[[torch.Tensor], torch.Tensor]
     lockstep: bool = False  # distributed: keep every rank's forward count equal
     idle_input: Optional[torch.Tensor] = None  # [1, C, H, W] for idle forwards
+    warn: Callable[[str], None] = print  # reports of skipped bad samples (key, shard URL)
 
 
 def in_lockstep(batches: Iterable[dict], ctx: EvalContext, stop: Callable[[], bool] = lambda: False
@@ -63,6 +66,8 @@ def evaluate(predictors: Predictors, batches: Iterable[dict], ctx: EvalContext) 
         if batch is None:
             _idle_forward(predictors, ctx)
             continue
+        for report in bad_reports(batch):
+            ctx.warn(f"evaluation skipped {report}")
         images = ctx.to_device(batch["image"])
         for name, predict in predictors.items():
             with ctx.autocast():

@@ -61,6 +61,10 @@ class RunLog:
             tqdm.write(message, file=sys.stdout)  # keeps an active progress bar intact
             sys.stdout.flush()
 
+    def warning(self, message: str, rank: int) -> None:
+        """From every rank (what one rank saw, e.g. a corrupt sample, only it can say)."""
+        print(f"[nrd_dist] warning (rank {rank}): {message}", file=sys.stderr, flush=True)
+
     def progress(self, total: int, desc: str):
         """A tqdm bar on rank 0 when stderr is a terminal (log files get the log lines
         only); a no-op object elsewhere."""

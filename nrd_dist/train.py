@@ -33,7 +33,10 @@ import torch
 from nrd_dist.checkpoint import Checkpointer, NonFiniteWeightsError
 from nrd_dist.config import Config, ConfigError, dump_config, load_config, to_dict
 from nrd_dist.data.augment import TrainViews, build_policy
+from nrd_dist.data import storage
+from nrd_dist.data.bad_data import BadDataBudget, BadDataError, bad_reports
 from nrd_dist.data.shards import ShardError, ShardStream, expand_urls, make_loader, set_epoch
+from nrd_dist.data.storage import StorageError, read_text
 from nrd_dist.data.writer import MANIFEST_NAME
 from nrd_dist.engine import Engine, build_engine
 from nrd_dist.evaluate import EvalContext, evaluate, label_correction
@@ -59,40 +62,43 @@ class DataPlan:
     train_urls: list[str]
     train_samples: int
     val_urls: dict[str, list[str]]
+    shard_counts: dict[str, int]  # URL -> samples, for every shard a manifest lists
 
 
-def count_samples(urls: list[str]) -> Optional[int]:
-    """Sum the per-shard counts of the ``manifest.json`` files beside the shards, or None
-    when some shard is not listed in one."""
+def manifest_counts(urls: list[str]) -> dict[str, int]:
+    """The per-shard sample counts of the ``manifest.json`` files beside the shards
+    (shards no manifest lists are left out)."""
     manifests: dict[str, dict[str, int]] = {}
-    total = 0
+    counts = {}
     for url in urls:
         folder, _, name = url.rpartition("/")
         if folder not in manifests:
             try:
-                import fsspec
-
-                with fsspec.open(f"{folder}/{MANIFEST_NAME}", "r") as f:
-                    manifests[folder] = {s["name"]: s["count"] for s in json.load(f)["shards"]}
+                manifest = json.loads(read_text(f"{folder}/{MANIFEST_NAME}"))
+                manifests[folder] = {s["name"]: s["count"] for s in manifest["shards"]}
             except (OSError, ValueError, KeyError):
                 manifests[folder] = {}
-        if name not in manifests[folder]:
-            return None
-        total += manifests[folder][name]
-    return total
+        if name in manifests[folder]:
+            counts[url] = manifests[folder][name]
+    return counts
 
 
 def plan_data(cfg: Config) -> DataPlan:
     """Resolve and check every shard URL; raises ShardError/ConfigError naming what is wrong."""
     if not cfg.data.train:
         raise ConfigError("data.train: no training shards given (URL, brace pattern or list)")
+    storage.configure(cfg.data.storage, cfg.data.retries, cfg.data.retry_backoff_s)
     train_urls = expand_urls(cfg.data.train, "data.train")
     val_urls = {name: expand_urls(url, f"data.val.{name}") for name, url in cfg.data.val.items()}
-    samples = cfg.data.samples_per_epoch or count_samples(train_urls)
+    counts = manifest_counts(train_urls + [u for urls in val_urls.values() for u in urls])
+    samples = cfg.data.samples_per_epoch
     if samples is None:
-        raise ConfigError(f"data.samples_per_epoch: cannot count the samples of {train_urls[0]!r} "
-                          f"(no {MANIFEST_NAME} beside it lists it); set data.samples_per_epoch")
-    return DataPlan(train_urls, samples, val_urls)
+        unlisted = [u for u in train_urls if u not in counts]
+        if unlisted:
+            raise ConfigError(f"data.samples_per_epoch: cannot count the samples of {unlisted[0]!r} "
+                              f"(no {MANIFEST_NAME} beside it lists it); set data.samples_per_epoch")
+        samples = sum(counts[u] for u in train_urls)
+    return DataPlan(train_urls, samples, val_urls, counts)
 
 
 # ----------------------------------------------------------------------------- the trainer
@@ -149,6 +155,7 @@ class Trainer:
         self.step = 0
         self.epoch = 0
         self.nonfinite_skipped = 0
+        self.bad_data = BadDataBudget(cfg.data.max_bad_fraction, plan.train_samples)
         self.history: dict[str, list] = {}
         self.checkpointer = Checkpointer(self)
 
@@ -157,7 +164,9 @@ class Trainer:
         return ShardStream(urls, transform, cfg.data.num_classes, channels=cfg.model.in_channels,
                            seed=cfg.run.seed, train=train, shuffle_buffer=cfg.data.shuffle_buffer,
                            noise=self.noise if noise else None, rank=self.engine.rank,
-                           world_size=self.engine.world_size, sampling=cfg.data.sampling)
+                           world_size=self.engine.world_size, sampling=cfg.data.sampling,
+                           storage_options=cfg.data.storage, retries=cfg.data.retries,
+                           retry_backoff_s=cfg.data.retry_backoff_s, expected_counts=self.plan.shard_counts)
 
     # ------------------------------------------------------------------ the step
 
@@ -174,18 +183,29 @@ class Trainer:
             if self.teacher is not None:
                 teacher_probs = self.teacher.predict_probs(engine.to_device(batch["teacher"]))
         loss = self.loss_fn(student_logits, labels, teacher_probs)
-        if not self.loss_is_finite(loss, batch):
+        if not self.check_step(loss, batch):
             return None  # step skipped (train.nonfinite: skip)
         weights_changed = engine.step(loss, self.scheduler)
         if self.teacher is not None and weights_changed:
             self.teacher.update(engine.module)
         return loss.detach()
 
-    def loss_is_finite(self, loss: torch.Tensor, batch: dict) -> bool:
-        """Agreed by all ranks (one tiny all-reduce), so they all skip or all step."""
-        bad = self.engine.all_reduce_sum((~torch.isfinite(loss.detach())).float().reshape(1).cpu())
-        if float(bad) == 0:
-            return True
+    def check_step(self, loss: torch.Tensor, batch: dict) -> bool:
+        """Whether to take this step: the loss must be finite and the bad data within its
+        budget. Agreed by all ranks through one tiny all-reduce, so they all step, all
+        skip, or all stop at the same step."""
+        reports = bad_reports(batch)
+        for report in reports:
+            self.log.warning(f"skipped {report}", self.engine.rank)
+        local = torch.tensor([float(not torch.isfinite(loss.detach()).all()), len(reports), len(batch["label"])])
+        nonfinite, bad_data, samples = (float(v) for v in self.engine.all_reduce_sum(local))
+        self.bad_data.add(int(bad_data), int(samples), f"step {self.step + 1} (epoch {self.epoch})")
+        if bad_data:
+            self.log.record(epoch=self.epoch, step=self.step, bad_data=self.bad_data.bad)
+        return nonfinite == 0 or self.skip_nonfinite(batch)
+
+    def skip_nonfinite(self, batch: dict) -> bool:
+        """``train.nonfinite``: stop, or skip the step within the budget (returns False)."""
         where = f"step {self.step + 1} (epoch {self.epoch}); batch sample keys {batch['key'][:8]}"
         if self.cfg.train.nonfinite == "stop":
             raise NonFiniteLossError(f"non-finite loss at {where} (train.nonfinite=stop)")
@@ -279,7 +299,8 @@ class Trainer:
         engine, aug = self.engine, self.cfg.data.augment
         size = aug.image_size or {"fmnist": 28, "cifar": 32, "imagenet": 224}[aug.policy]
         return EvalContext(engine.to_device, engine.autocast, engine.all_reduce_sum, lockstep=engine.distributed,
-                           idle_input=torch.zeros(1, self.cfg.model.in_channels, size, size))
+                           idle_input=torch.zeros(1, self.cfg.model.in_channels, size, size),
+                           warn=lambda message: self.log.warning(message, engine.rank))
 
     def predictors(self) -> dict:
         self.engine.module.eval()
@@ -314,6 +335,7 @@ class Trainer:
         cfg, log = self.cfg, self.log
         summary: dict = {"loss": cfg.loss.name, "noise": to_dict(cfg.data.noise), "steps": self.step,
                          "nonfinite_skipped": self.nonfinite_skipped,
+                         "bad_data": self.bad_data.state_dict(),
                          "epochs": cfg.optim.epochs, "wall_time_s": round(wall_time, 2),
                          "train_samples_per_s": round(samples_per_s, 1), "val": {}, "plots": []}
         for key, points in self.history.items():
@@ -399,7 +421,8 @@ def main(argv: Optional[list[str]] = None) -> int:
         return 2
     try:
         Trainer(cfg, plan, engine).fit()
-    except (ShardError, NonFiniteLossError, NonFiniteWeightsError, TeacherDivergedError, ConfigError) as err:
+    except (ShardError, StorageError, BadDataError, NonFiniteLossError, NonFiniteWeightsError, TeacherDivergedError,
+            ConfigError) as err:
         print(f"error (rank {engine.rank}): {err}", file=sys.stderr)
         return 1
     except BaseException as err:

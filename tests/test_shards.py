@@ -2,6 +2,7 @@
 
 import gzip
 import io
+import re
 import tarfile
 
 import numpy as np
@@ -177,19 +178,60 @@ def test_missing_pattern_and_empty_shards(tmp_path, shards):
         str(p) for p in shards["dir"].glob("train-*.tar"))
 
 
-def test_bad_samples_name_key_and_shard(tmp_path):
-    images, _ = fmnist_test_images(1)
+def flip_bit_in_idat(data: bytes) -> bytes:
+    corrupted = bytearray(data)
+    corrupted[data.index(b"IDAT") + 20] ^= 0x10
+    return bytes(corrupted)
+
+
+def test_bad_samples_are_skipped_and_reported_with_key_and_shard(tmp_path):
+    images, _ = fmnist_test_images(2)
     cases = {
         "nolabel": ({"png": png(images[0])}, "has no .cls label"),
         "noimage": ({"cls": b"1"}, "has no image"),
         "badlabel": ({"png": png(images[0]), "cls": b"12"}, "label 12 is out of range"),
         "corrupt": ({"png": b"not a png", "cls": b"1"}, "cannot be decoded"),
+        # one flipped bit in the pixel data: torchvision's decoder would SIGSEGV the process
+        "bitrot": ({"png": flip_bit_in_idat(png(images[0])), "cls": b"1"}, "fails its CRC"),
+        "cut": ({"png": png(images[0])[:-30], "cls": b"1"}, "truncated"),
     }
     for name, (fields, message) in cases.items():
         writer = ShardWriter(tmp_path, name, 10)
         writer.write("k0", fields)
+        writer.write("k1", {"png": png(images[1]), "cls": b"3"})
         writer.close()
         s = ShardStream([str(tmp_path / f"{name}-000000.tar")], build_policy("fmnist").eval, 10,
                         channels=1, train=False)
-        with pytest.raises(ShardError, match=f"'k0' in .*{name}-000000.tar.*{message}"):
-            list(s)
+        samples = list(s)
+        assert [x["key"] for x in samples] == ["k1"]  # the bad one skipped, the good one kept
+        assert re.search(f"bad sample: sample 'k0' in .*{name}-000000.tar.*{message}", samples[0]["bad"])
+
+
+def test_a_truncated_shard_is_reported_and_the_stream_goes_on(tmp_path):
+    images, labels = fmnist_test_images(30)
+    for name in ("cut", "whole"):
+        writer = ShardWriter(tmp_path, name, 100)
+        for i in range(15):
+            writer.write(f"{name}{i}", {"png": png(images[i]), "cls": str(int(labels[i])).encode()})
+        writer.close()
+    cut = tmp_path / "cut-000000.tar"
+    cut.write_bytes(cut.read_bytes()[:cut.stat().st_size // 2])  # as a crashed copy leaves it
+    counts = {str(cut): 15, str(tmp_path / "whole-000000.tar"): 15}  # from the manifests, in a run
+    s = ShardStream(list(counts), build_policy("fmnist").eval, 10, channels=1, train=False, expected_counts=counts)
+    samples = list(s)
+    keys = [x["key"] for x in samples]
+    assert keys[-15:] == [f"whole{i}" for i in range(15)] and 0 < len(keys) - 15 < 15
+    reports = [x["bad"] for x in samples if x["bad"]]
+    assert len(reports) == 1 and reports[0].startswith("truncated shard: - in ") and str(cut) in reports[0]
+
+
+def test_a_stream_of_nothing_but_bad_samples_stops_instead_of_searching_forever(tmp_path):
+    images, _ = fmnist_test_images(1)
+    writer = ShardWriter(tmp_path, "wrong", 1000)
+    for i in range(ShardStream.MAX_BAD_IN_A_ROW):
+        writer.write(f"k{i}", {"png": png(images[0]), "cls": b"42"})  # e.g. data.num_classes set too small
+    writer.close()
+    s = ShardStream([str(tmp_path / "wrong-000000.tar")], build_policy("fmnist").eval, 10, channels=1, train=True,
+                    shuffle_buffer=0)
+    with pytest.raises(ShardError, match="bad samples in a row, none usable.*label 42 is out of range"):
+        next(iter(s))

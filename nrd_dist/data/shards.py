@@ -18,7 +18,9 @@ import glob
 import hashlib
 import os
 import random
+import tarfile
 import warnings
+import zlib
 from typing import Any, Callable, Iterator, Optional, Sequence, Union
 from urllib.parse import urlparse
 
@@ -28,6 +30,7 @@ from braceexpand import braceexpand
 from torch.utils.data import DataLoader, IterableDataset
 from torchvision.io import ImageReadMode, decode_image
 
+from nrd_dist.data import storage
 from nrd_dist.data.noise import apply_noise
 
 IMAGE_EXTENSIONS = ("png", "jpg", "jpeg", "webp")
@@ -49,8 +52,9 @@ def mix_seed(*parts: Any) -> int:
 
 
 def expand_urls(spec: Union[str, Sequence[str]], what: str = "data.train") -> list[str]:
-    """Expand brace patterns (``train-{000000..000009}.tar``), lists and local globs into
-    a list of shard URLs; local shards are checked to exist and be non-empty."""
+    """Expand brace patterns (``train-{000000..000009}.tar``), lists and globs (local or
+    remote: ``s3://bucket/train-*.tar``) into a list of shard URLs; every shard is checked
+    to exist and be non-empty (remote ones with one metadata request each)."""
     patterns = [spec] if isinstance(spec, str) else list(spec)
     if not patterns or not all(patterns):
         raise ShardError(f"{what}: no shard URL given")
@@ -58,7 +62,9 @@ def expand_urls(spec: Union[str, Sequence[str]], what: str = "data.train") -> li
     for pattern in patterns:
         for url in braceexpand(pattern):
             path = _local_path(url)
-            if path is not None and glob.has_magic(path):
+            if path is None:
+                urls.extend(storage.expand_remote(url, what))
+            elif glob.has_magic(path):
                 matches = sorted(glob.glob(path))
                 if not matches:
                     raise ShardError(f"{what}: no shard matches {pattern!r}")
@@ -68,6 +74,7 @@ def expand_urls(spec: Union[str, Sequence[str]], what: str = "data.train") -> li
     for url in urls:
         path = _local_path(url)
         if path is None:
+            storage.check_exists(url, what)
             continue
         if not os.path.isfile(path):
             raise ShardError(f"{what}: shard {url!r} does not exist (from pattern {patterns!r})")
@@ -96,12 +103,41 @@ def decode_sample(sample: dict[str, Any], channels: int) -> tuple[torch.Tensor, 
         raise ShardError(f"sample {key!r} in {url!r} has no .cls label")
     mode = ImageReadMode.GRAY if channels == 1 else ImageReadMode.RGB
     try:
+        check_png_checksums(image_bytes)
         image = decode_image(torch.frombuffer(bytearray(image_bytes), dtype=torch.uint8), mode=mode)
         label = int(sample["cls"])
         clean = int(sample["clean.cls"]) if "clean.cls" in sample else -1
     except (RuntimeError, ValueError) as err:
         raise ShardError(f"sample {key!r} in {url!r} cannot be decoded: {err}") from None
     return image, label, clean
+
+
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+
+
+def check_png_checksums(data: bytes) -> None:
+    """Raise ValueError if a PNG's chunks fail their CRC-32.
+
+    torchvision 0.29's PNG decoder crashes the whole process (SIGSEGV after libpng's
+    "IDAT: incorrect data check") on a PNG with a flipped bit in its pixel data, so a
+    bit-rotted sample would kill a DataLoader worker instead of being skipped. The CRCs
+    catch that corruption first, at C speed (zlib.crc32). Not a PNG: nothing to do.
+    """
+    if not data.startswith(PNG_SIGNATURE):
+        return
+    view = memoryview(data)
+    offset = len(PNG_SIGNATURE)
+    while offset + 12 <= len(data):
+        length = int.from_bytes(view[offset:offset + 4], "big")
+        end = offset + 8 + length
+        if end + 4 > len(data):
+            raise ValueError(f"PNG chunk at byte {offset} runs past the end (truncated)")
+        if zlib.crc32(view[offset + 4:end]) != int.from_bytes(view[end:end + 4], "big"):
+            raise ValueError(f"PNG chunk {bytes(view[offset + 4:offset + 8])!r} at byte {offset} fails its CRC")
+        if view[offset + 4:offset + 8] == b"IEND":
+            return
+        offset = end + 4
+    raise ValueError("PNG ends before its IEND chunk (truncated)")
 
 
 class ShardStream(IterableDataset):
@@ -121,12 +157,31 @@ class ShardStream(IterableDataset):
         rank, world_size: this process's place among the data-parallel ranks.
         sampling: ``epoch`` (a seeded per-epoch shard permutation dealt to the (rank,
             worker) slots, then top-ups) or ``resampled`` (seeded draws with replacement).
+        storage_options, retries, retry_backoff_s: ``data.storage`` and the retry
+            policy for remote shards.
+        expected_counts: shard URL -> sample count from the manifests (detects
+            truncated shards).
+
+    Bad data does not stop the stream: a sample that cannot be decoded or has a label
+    out of range, and a shard that ends early (truncated), are reported in the ``bad``
+    field of the next sample yielded (newline-separated ``kind: key in URL: reason``;
+    empty when nothing happened) and the stream goes on, so the caller can count them
+    against ``data.max_bad_fraction`` and every rank still gets its batches. Storage
+    errors (missing object, denied access, retries exhausted) do stop it.
     """
+
+    # A stream that reads this many bad samples in a row has nothing usable (wrong
+    # data.num_classes, wrong files): stop instead of searching forever.
+    MAX_BAD_IN_A_ROW = 200
 
     def __init__(self, urls: Sequence[str], transform: Callable, num_classes: int, channels: int = 3,
                  seed: int = 0, train: bool = True, shuffle_buffer: int = 1000,
-                 noise: Any = None, rank: int = 0, world_size: int = 1, sampling: str = "epoch"):
+                 noise: Any = None, rank: int = 0, world_size: int = 1, sampling: str = "epoch",
+                 storage_options: Optional[dict] = None, retries: int = 4, retry_backoff_s: float = 0.5,
+                 expected_counts: Optional[dict[str, int]] = None):
         super().__init__()
+        self.expected_counts = dict(expected_counts or {})
+        self.storage = (dict(storage_options or {}), retries, retry_backoff_s)
         if not urls:
             raise ShardError("no shard URLs")
         self.urls = list(urls)
@@ -174,23 +229,55 @@ class ShardStream(IterableDataset):
             yield self.urls[rng.randrange(len(self.urls))]
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
+        storage.configure(*self.storage)  # this may be a fresh DataLoader worker process
         info = torch.utils.data.get_worker_info()
         worker, num_workers = (info.id, info.num_workers) if info else (0, 1)
         rng = random.Random(mix_seed("samples", self.seed, self.epoch, self.rank, worker))
-        samples = (self._prepare(s) for s in self._raw_samples(self.shard_sequence(worker, num_workers)))
+        bad: list[str] = []  # reports not yet handed on
+        samples = self._good_samples(self._raw_samples(self.shard_sequence(worker, num_workers), bad), bad)
         if self.shuffle_buffer > 1:
             samples = _shuffled(samples, self.shuffle_buffer, rng)
         for sample in samples:
-            yield self._finish(sample)
+            out = self._finish(sample)
+            out["bad"] = "\n".join(bad)
+            bad.clear()
+            yield out
 
-    def _raw_samples(self, shards: Iterator[str]) -> Iterator[dict[str, Any]]:
+    def _raw_samples(self, shards: Iterator[str], bad: list[str]) -> Iterator[dict[str, Any]]:
         for url in shards:
             count = 0
-            for sample in wds.tarfile_to_samples()(iter([{"url": url}])):
-                count += 1
-                yield sample
-            if count == 0:
+            try:
+                for sample in wds.tarfile_to_samples()(iter([{"url": url}])):
+                    count += 1
+                    yield sample
+            except storage.StorageError as err:
+                raise storage.StorageError(err.args[0]) from None  # without the args webdataset appends
+            except (tarfile.TarError, EOFError, OSError, zlib.error) as err:
+                # webdataset appends the stream and URL to the exception's args
+                reason = str(err.args[0]) if err.args else type(err).__name__
+                bad.append(f"truncated shard: - in {url}: {reason} after {count} samples; rest of shard skipped")
+                continue
+            expected = self.expected_counts.get(url)
+            if expected is not None and count < expected:
+                # tarfile ends a stream cut at a member boundary silently: only the
+                # manifest's count tells a truncated shard from a short one.
+                bad.append(f"truncated shard: - in {url}: {count} of the manifest's {expected} samples")
+            elif count == 0:
                 raise ShardError(f"shard {url!r} holds no samples")
+
+    def _good_samples(self, raw: Iterator[dict[str, Any]], bad: list[str]) -> Iterator[dict[str, Any]]:
+        in_a_row = 0
+        for sample in raw:
+            try:
+                prepared = self._prepare(sample)
+            except ShardError as err:
+                bad.append(f"bad sample: {err}")  # the message names the key and shard URL
+                in_a_row += 1
+                if in_a_row >= self.MAX_BAD_IN_A_ROW:
+                    raise ShardError(f"{in_a_row} bad samples in a row, none usable; the last: {err}") from None
+                continue
+            in_a_row = 0
+            yield prepared
 
     def _prepare(self, raw: dict[str, Any]) -> dict[str, Any]:
         """Decode only: cheap enough to run before the shuffle buffer, and keeps the buffer
