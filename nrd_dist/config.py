@@ -286,6 +286,7 @@ class EvalConfig:
     # Label-correction analysis at the end (training shards with clean labels only):
     label_correction_samples: int = 2000  # training samples analysed (0: skip)
     label_correction_views: int = 4  # K AugMix teacher views averaged per sample
+    noisy_val: list[str] = field(default_factory=list)  # data.val sets that get data.noise too
 
     def validate(self, path: str) -> None:
         _positive(f"{path}.every_epochs", self.every_epochs)

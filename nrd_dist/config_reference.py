@@ -27,7 +27,8 @@ HELP = {
                        "asymmetric, matrix",
     "data.noise.rate": "noise rate eta in [0, 1]",
     "data.noise.seed": "noise seed; with the sample key and clean label it fixes each noisy label",
-    "data.noise.map": "asymmetric: cifar10, cifar100 or an explicit {from: to} class map",
+    "data.noise.map": "asymmetric: cifar10, cifar100, fmnist (its confusable pairs both ways) or an explicit "
+                      "{from: to} class map",
     "data.noise.matrix": "matrix: a row-stochastic num_classes x num_classes transition matrix",
     "data.augment.policy": "view policy: fmnist (28 px grey), cifar (32 px), imagenet (WebVision/ImageNet)",
     "data.augment.image_size": "crop size of every view in pixels; null: 28 / 32 / 224 by policy",
@@ -77,6 +78,8 @@ HELP = {
     "eval.every_epochs": "evaluate on data.val every this many epochs (and after the last)",
     "eval.batch_size": "evaluation batch per rank; null: 2 x data.batch_size",
     "eval.label_correction_samples": "training samples in the final label-correction analysis (0: skip)",
+    "eval.noisy_val": "names of data.val sets whose labels get data.noise too (e.g. a held-out part of the "
+                      "training set): accuracy on noisy labels, for choosing hyperparameters without clean labels",
     "eval.label_correction_views": "K AugMix teacher views averaged per sample in that analysis",
     "log.every_steps": "log line, metrics.jsonl record and TensorBoard scalars every this many steps",
     "checkpoint.every_steps": "checkpoint every this many steps (0: epoch ends only); always at epoch ends",

@@ -90,6 +90,9 @@ def plan_data(cfg: Config) -> DataPlan:
     storage.configure(cfg.data.storage, cfg.data.retries, cfg.data.retry_backoff_s)
     train_urls = expand_urls(cfg.data.train, "data.train")
     val_urls = {name: expand_urls(url, f"data.val.{name}") for name, url in cfg.data.val.items()}
+    for name in cfg.eval.noisy_val:
+        if name not in val_urls:
+            raise ConfigError(f"eval.noisy_val: {name!r} is not a data.val set ({', '.join(val_urls) or 'none'})")
     counts = manifest_counts(train_urls + [u for urls in val_urls.values() for u in urls])
     samples = cfg.data.samples_per_epoch
     if samples is None:
@@ -148,7 +151,8 @@ class Trainer:
                                         pin_memory=pin)
         eval_batch = cfg.eval.batch_size or 2 * cfg.data.batch_size
         self.val_loaders = {
-            name: make_loader(self._stream(urls, self.policy.eval, train=False, noise=False), eval_batch,
+            name: make_loader(self._stream(urls, self.policy.eval, train=False, noise=name in cfg.eval.noisy_val),
+                              eval_batch,
                               cfg.data.workers, drop_last=False, pin_memory=pin)
             for name, urls in plan.val_urls.items()
         }
@@ -344,7 +348,8 @@ class Trainer:
             entry = summary["val"].setdefault(name, {})
             entry[model] = {"best_top1": max(values), "last_top1": values[-1],
                             "ece": self.last_meters[name][model].compute()["ece"],
-                            "top5": self.last_meters[name][model].compute()["top5"]}
+                            "top5": self.last_meters[name][model].compute()["top5"],
+                            "reliability": self.last_meters[name][model].reliability()}
         if log.enabled:
             for name, meters in getattr(self, "last_meters", {}).items():
                 curves = {f"{m} (ECE {100 * meter.compute()['ece']:.1f}%)": meter.reliability()

@@ -48,6 +48,7 @@ import numpy as np
 __all__ = [
     "NOISE_TYPES",
     "CIFAR10_ASYMMETRIC_MAP",
+    "FASHION_MNIST_ASYMMETRIC_MAP",
     "CIFAR100_COARSE_LABELS",
     "cifar100_superclass_map",
     "noise_spec_to_dict",
@@ -61,6 +62,10 @@ NOISE_TYPES = ("none", "symmetric", "symmetric_exclusive", "asymmetric", "matrix
 # The classic class-dependent CIFAR-10 noise (Patrini et al., 2017): confusions
 # between visually similar classes.  Indices are torchvision's CIFAR-10 classes
 # (0 airplane, 1 automobile, 2 bird, 3 cat, 4 deer, 5 dog, 7 horse, 9 truck).
+# Fashion-MNIST's confusable pairs, both ways (0 T-shirt/top, 2 pullover, 4 coat,
+# 6 shirt, 7 sneaker, 9 ankle boot): the confusions its classifiers make most.
+FASHION_MNIST_ASYMMETRIC_MAP: dict[int, int] = {0: 6, 6: 0, 2: 4, 4: 2, 7: 9, 9: 7}
+
 CIFAR10_ASYMMETRIC_MAP: dict[int, int] = {
     9: 1,  # truck -> automobile
     2: 0,  # bird -> airplane
@@ -113,6 +118,7 @@ assert sorted(CIFAR100_COARSE_LABELS) == sorted(list(range(20)) * 5)
 # Built once: load-time noise may validate a spec per sample.
 _NAMED_MAPS = {
     "cifar10": (10, CIFAR10_ASYMMETRIC_MAP),
+    "fmnist": (10, FASHION_MNIST_ASYMMETRIC_MAP),
     "cifar100": (100, cifar100_superclass_map()),
 }
 _SPEC_FIELDS = ("type", "rate", "seed", "map", "matrix")
