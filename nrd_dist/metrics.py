@@ -11,6 +11,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Callable, Optional
 
+import numpy as np
 import torch
 
 ECE_BINS = 15
@@ -153,6 +154,69 @@ def line_plot(series: dict[str, list[tuple[float, float]]], path: Path, xlabel: 
     ax.set_title(title, fontsize=9)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    return Path(path)
+
+
+def auroc(scores, positives) -> float:
+    """Area under the ROC curve of ``scores`` for detecting ``positives`` (e.g. the
+    mislabeled samples): the probability that a random positive scores higher than a
+    random negative, ties counting one half (the Mann-Whitney U statistic over
+    ``n_pos * n_neg``).
+
+    ``scores``: N finite floats; ``positives``: N booleans. Exact: the rank sums are
+    integers (twice the mid-rank of a tie group is an integer), so the only rounding is
+    the final division. NaN when there are no positives or no negatives (undefined).
+    """
+    scores = np.asarray(scores, dtype=np.float64).reshape(-1)
+    positives = np.asarray(positives, dtype=bool).reshape(-1)
+    if scores.shape != positives.shape:
+        raise ValueError(f"auroc: {len(scores)} scores for {len(positives)} labels")
+    if not np.isfinite(scores).all():
+        raise ValueError("auroc: scores must be finite")
+    n_pos = int(positives.sum())
+    n_neg = len(scores) - n_pos
+    if n_pos == 0 or n_neg == 0:
+        return float("nan")
+    order = np.argsort(scores, kind="stable")
+    sorted_scores = scores[order]
+    # Tie groups [start, end) in sorted order get the mid-rank (start + 1 + end) / 2 (1-based).
+    starts = np.flatnonzero(np.r_[True, sorted_scores[1:] != sorted_scores[:-1]])
+    ends = np.r_[starts[1:], len(scores)]
+    twice_rank = np.empty(len(scores), dtype=np.int64)
+    twice_rank[order] = np.repeat(starts + 1 + ends, ends - starts)
+    twice_u = int(twice_rank[positives].sum()) - n_pos * (n_pos + 1)
+    return twice_u / (2 * n_pos * n_neg)
+
+
+def histograms(panels: dict[str, dict[str, np.ndarray]], path: Path, xlabel: str, title: str = "",
+               bins: int = 40) -> Path:
+    """Side-by-side panels of overlaid density histograms (PNG):
+    ``panels[panel][series] = 1-D array of values``. Every panel uses the same bin edges
+    (over all values), so panels compare directly; empty series are left out."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    values = [np.asarray(v, dtype=np.float64) for panel in panels.values() for v in panel.values() if len(v)]
+    everything = np.concatenate(values) if values else np.zeros(1)
+    low, high = float(everything.min()), float(everything.max())
+    edges = np.linspace(low, high if high > low else low + 1.0, bins + 1)
+    fig, axes = plt.subplots(1, len(panels), figsize=(4.4 * len(panels), 3.6), dpi=110, squeeze=False)
+    for ax, (name, series) in zip(axes[0], panels.items()):
+        for label, data in series.items():
+            if len(data):
+                ax.hist(np.asarray(data, dtype=np.float64), bins=edges, density=True, alpha=0.5,
+                        label=f"{label} (n={len(data)})")
+        ax.set_title(name, fontsize=9)
+        ax.set_xlabel(xlabel)
+        ax.set_ylabel("density")
+        ax.legend(fontsize=7)
+    if title:
+        fig.suptitle(title, fontsize=9)
     fig.tight_layout()
     fig.savefig(path)
     plt.close(fig)

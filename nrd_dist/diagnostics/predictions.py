@@ -1,0 +1,356 @@
+"""One pass of a run's student and/or teacher over training shards, kept per sample.
+
+Each sample is read as the run read it (``data.noise`` applied at load time unless
+``noise=False``), then predicted on the plain image (the eval transform) and on K AugMix
+teacher views (the ``teacher`` transform of the run's augmentation policy), whose
+softmaxes are averaged: ``p_views = mean_k softmax(f(view_k))``, computed in log space.
+What is kept is O(N), never O(N x classes): per model and mode the log-probability of
+the given and of the clean label, the argmax and its probability, and a
+:class:`~nrd_dist.metrics.ClassificationMeter` against the clean labels (ECE).
+
+Determinism: the views of a sample are drawn under a torch seed made from
+``(seed, sample key)``, so they are the same whatever the number of DataLoader workers,
+the batch size, the shards given, ``max_samples``, and whether the plain image is
+predicted too; ``diagnose`` and ``find_mislabeled`` therefore see the same views.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Optional, Sequence
+
+import numpy as np
+import torch
+from torch import nn
+
+from nrd_dist.config import Config, load_config, to_dict
+from nrd_dist.data import storage
+from nrd_dist.data.augment import Policy, build_policy
+from nrd_dist.data.bad_data import bad_reports
+from nrd_dist.data.shards import ShardError, ShardStream, expand_urls, make_loader, mix_seed
+from nrd_dist.losses import LOSSES
+from nrd_dist.metrics import ClassificationMeter
+from nrd_dist.models import build_model
+from nrd_dist.tools.export_model import export_state, latest_checkpoint
+from nrd_dist.train import manifest_counts
+
+# The modes' names are those of nrd_dist.evaluate.label_correction (summary.json).
+PLAIN, VIEWS = "plain", "augmix_ensemble"
+REDACTED = "***"  # what config.yaml holds in place of a storage secret
+
+
+# ----------------------------------------------------------------------------- the run
+
+
+@dataclass
+class RunModels:
+    """A run's resolved config and the models of its latest checkpoint, in eval mode."""
+
+    run_dir: Path
+    cfg: Config
+    checkpoint: Path
+    models: dict[str, nn.Module]
+    device: torch.device
+
+
+def has_teacher(cfg: Config) -> bool:
+    """Whether the run's loss keeps an EMA teacher (baselines such as ``ce`` do not)."""
+    return LOSSES[cfg.loss.name].needs_teacher
+
+
+def resolve_device(name: str = "auto") -> torch.device:
+    return torch.device(("cuda" if torch.cuda.is_available() else "cpu") if name == "auto" else name)
+
+
+def load_run(run_dir: Path, which: str, device: torch.device) -> RunModels:
+    """Models of the run's latest complete checkpoint.
+
+    ``which``: ``student``, ``teacher``, ``both`` (the student, and the teacher if the
+    run has one) or ``auto`` (the teacher if the run has one, else the student).
+    Raises FileNotFoundError (no run directory, no checkpoint) or ValueError (the run
+    keeps no teacher and ``which`` is ``teacher``).
+    """
+    run_dir = Path(run_dir)
+    if not (run_dir / "config.yaml").is_file():
+        raise FileNotFoundError(f"{run_dir}: not a run directory (no config.yaml)")
+    cfg = load_config(run_dir / "config.yaml")
+    checkpoint = latest_checkpoint(run_dir)
+    teacher = has_teacher(cfg)
+    if which == "teacher" and not teacher:
+        raise ValueError(f"{run_dir}: loss {cfg.loss.name!r} keeps no teacher; use --which student")
+    names = {"student": ["student"], "teacher": ["teacher"],
+             "both": ["student", "teacher"] if teacher else ["student"],
+             "auto": ["teacher" if teacher else "student"]}[which]
+    models = {}
+    for name in names:
+        model = build_model(cfg.model.arch, cfg.data.num_classes, cfg.model.in_channels)
+        model.load_state_dict(export_state(run_dir, name))
+        models[name] = model.to(device).eval()
+    return RunModels(run_dir, cfg, checkpoint, models, device)
+
+
+def _without_redacted(options: Any) -> Any:
+    """``data.storage`` minus the secrets config.yaml holds as ``***``: credentials then
+    come from the environment, as they would for the run."""
+    if isinstance(options, dict):
+        return {k: _without_redacted(v) for k, v in options.items() if v != REDACTED}
+    return options
+
+
+# ----------------------------------------------------------------------------- the data
+
+
+class ViewsTransform:
+    """uint8 ``[C, H, W]`` -> ``{"views": [K, C, S, S]}`` (K teacher views) and, with
+    ``plain``, ``"plain": [C, S, S]`` (the eval transform). Views come first, so they
+    do not depend on whether the plain image is made."""
+
+    def __init__(self, policy: Policy, views: int, plain: bool):
+        self.policy, self.views, self.plain = policy, views, plain
+
+    def __call__(self, image: torch.Tensor) -> dict[str, torch.Tensor]:
+        out = {"views": torch.stack([self.policy.teacher(image) for _ in range(self.views)])}
+        if self.plain:
+            out["plain"] = self.policy.eval(image)
+        return out
+
+
+class TaggedStream(ShardStream):
+    """A :class:`ShardStream` (``train=False``: each sample once, in a fixed order) whose
+    samples also carry their shard URL (``shard``), and whose transform runs under a
+    torch seed made from ``(seed, key)`` (see the module docstring)."""
+
+    def _prepare(self, raw: dict[str, Any]) -> dict[str, Any]:
+        sample = super()._prepare(raw)
+        sample["shard"] = raw.get("__url__", "")
+        return sample
+
+    def _finish(self, sample: dict[str, Any]) -> dict[str, Any]:
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(mix_seed("diagnostics-views", self.seed, sample["key"]))
+            out = super()._finish(sample)
+        out["shard"] = sample["shard"]
+        return out
+
+
+# ----------------------------------------------------------------------------- the outputs
+
+
+@dataclass
+class ModeOutputs:
+    """One model in one mode (plain image or K-view average), per sample (float64/int64 [N])."""
+
+    log_p_given: np.ndarray  # log p(given label)
+    log_p_clean: np.ndarray  # log p(clean label); NaN where the clean label is unknown
+    prediction: np.ndarray  # argmax class
+    confidence: np.ndarray  # its probability
+    meter: ClassificationMeter  # top-1/top-5/ECE against the clean labels (known ones only)
+
+
+@dataclass
+class SamplePredictions:
+    """Per-sample labels and model outputs of one pass; arrays are aligned with ``keys``."""
+
+    keys: list[str]
+    shards: list[str]
+    given: np.ndarray  # int64 [N]: the training label as the run saw it
+    clean: np.ndarray  # int64 [N]: the clean label, -1 where unknown
+    outputs: dict[str, dict[str, ModeOutputs]]  # model -> mode -> outputs
+    views: int
+    seed: int
+    noise: Optional[dict]  # the load-time noise applied, or None
+
+    @property
+    def has_clean_labels(self) -> bool:
+        return len(self.clean) > 0 and bool((self.clean >= 0).all())
+
+    @property
+    def mislabeled(self) -> np.ndarray:
+        """bool [N]: the training label differs from the (known) clean label."""
+        return (self.clean >= 0) & (self.given != self.clean)
+
+
+@dataclass
+class _Accumulator:
+    """Per-batch pieces of one :class:`ModeOutputs`."""
+
+    parts: dict[str, list[torch.Tensor]] = field(default_factory=lambda: {
+        "log_p_given": [], "log_p_clean": [], "prediction": [], "confidence": []})
+    meter: ClassificationMeter = field(default_factory=ClassificationMeter)
+
+    def add(self, log_probs: torch.Tensor, given: torch.Tensor, clean: torch.Tensor) -> None:
+        """``log_probs``: float [B, classes]; ``given``, ``clean``: int64 [B] (clean -1: unknown)."""
+        known = clean >= 0
+        log_probs = log_probs.double()
+        self.parts["log_p_given"].append(log_probs.gather(1, given[:, None])[:, 0])
+        at_clean = log_probs.gather(1, clean.clamp_min(0)[:, None])[:, 0]
+        self.parts["log_p_clean"].append(torch.where(known, at_clean, torch.full_like(at_clean, math.nan)))
+        best, prediction = log_probs.max(1)
+        self.parts["prediction"].append(prediction)
+        self.parts["confidence"].append(best.exp())
+        if known.any():
+            self.meter.update(log_probs[known].exp(), clean[known])
+
+    def result(self) -> ModeOutputs:
+        arrays = {name: torch.cat(parts).numpy() if parts else np.zeros(0) for name, parts in self.parts.items()}
+        arrays["prediction"] = arrays["prediction"].astype(np.int64)
+        return ModeOutputs(meter=self.meter, **arrays)
+
+
+# ----------------------------------------------------------------------------- the pass
+
+
+def _log_probs(model: nn.Module, images: torch.Tensor, device: torch.device, chunk: int) -> torch.Tensor:
+    """log softmax [N, classes] (fp32, on the CPU) of ``images`` [N, C, S, S], ``chunk`` per forward."""
+    return torch.cat([model(part.to(device, non_blocking=True)).float().log_softmax(-1).cpu()
+                      for part in images.split(chunk)])
+
+
+def _first(batch: dict[str, Any], n: int) -> dict[str, Any]:
+    """The first ``n`` samples of a collated batch (nested dicts of tensors and lists)."""
+    return {k: _first(v, n) if isinstance(v, dict) else v[:n] for k, v in batch.items()}
+
+
+@torch.inference_mode()
+def predict_samples(run: RunModels, urls: Sequence[str], views: int, plain: bool = True, noise: bool = True,
+                    seed: Optional[int] = None, batch_size: Optional[int] = None, workers: Optional[int] = None,
+                    max_samples: Optional[int] = None, require_clean: bool = False, progress: bool = True,
+                    warn: Callable[[str], None] = lambda m: print(f"warning: {m}", file=sys.stderr)
+                    ) -> SamplePredictions:
+    """Predict every sample of ``urls`` (shard URLs, expanded) with every model of ``run``.
+
+    ``views``: K >= 1 AugMix views per sample; ``plain``: also predict the eval image;
+    ``noise``: apply the run's load-time ``data.noise`` (the labels the run trained on);
+    ``seed``: of the views (default ``run.seed``); ``batch_size``: samples per batch and
+    images per forward (default ``eval.batch_size`` or 2 x ``data.batch_size``);
+    ``workers``: DataLoader workers (default ``data.workers``); ``max_samples``: stop
+    after that many (the first in the stream's fixed order); ``require_clean``: raise
+    ShardError, naming the shard and sample, at the first sample without a clean label.
+    Progress goes to a tqdm bar when stderr is a terminal; skipped bad samples to ``warn``.
+    """
+    if views < 1:
+        raise ValueError(f"--views: must be >= 1, got {views}")
+    if max_samples is not None and max_samples < 1:
+        raise ValueError(f"--max-samples: must be >= 1, got {max_samples}")
+    cfg = run.cfg
+    aug = cfg.data.augment
+    policy = build_policy(aug.policy, aug.image_size, aug.resize_size, aug.cutout)
+    noise_spec = to_dict(cfg.data.noise) if noise and cfg.data.noise.type != "none" else None
+    seed = cfg.run.seed if seed is None else seed
+    batch_size = batch_size or cfg.eval.batch_size or 2 * cfg.data.batch_size
+    workers = cfg.data.workers if workers is None else workers
+    counts = manifest_counts(list(urls))
+    stream = TaggedStream(urls, ViewsTransform(policy, views, plain), cfg.data.num_classes,
+                          channels=cfg.model.in_channels, seed=seed, train=False, noise=noise_spec,
+                          storage_options=_without_redacted(cfg.data.storage), retries=cfg.data.retries,
+                          retry_backoff_s=cfg.data.retry_backoff_s, expected_counts=counts)
+    loader = make_loader(stream, batch_size, workers, drop_last=False, pin_memory=run.device.type == "cuda")
+    modes = ([PLAIN] if plain else []) + [VIEWS]
+    sums = {name: {mode: _Accumulator() for mode in modes} for name in run.models}
+    keys: list[str] = []
+    shards: list[str] = []
+    given: list[torch.Tensor] = []
+    clean: list[torch.Tensor] = []
+    total = sum(counts.get(url, 0) for url in urls) or None
+    if max_samples is not None:
+        total = min(total or max_samples, max_samples)
+    from tqdm import tqdm
+
+    bar = tqdm(total=total, desc="predicting", unit="sample", dynamic_ncols=True, leave=False, file=sys.stderr,
+               disable=not (progress and sys.stderr.isatty()), mininterval=0.5)
+    for batch in loader:
+        for report in bad_reports(batch):
+            warn(f"skipped {report}")
+        if max_samples is not None:
+            batch = _first(batch, max_samples - len(keys))
+        if require_clean and (batch["clean_label"] < 0).any():
+            i = int((batch["clean_label"] < 0).nonzero()[0])
+            raise ShardError(f"shard {batch['shard'][i]!r}: sample {batch['key'][i]!r} has no clean label "
+                             f"(.clean.cls); this needs training shards with clean labels (made noisy by "
+                             f"tools/inject_noise.py, or clean shards and a run with load-time data.noise)")
+        images = batch["image"]
+        b, k = images["views"].shape[:2]
+        for name, model in run.models.items():
+            if plain:
+                sums[name][PLAIN].add(_log_probs(model, images["plain"], run.device, batch_size),
+                                      batch["label"], batch["clean_label"])
+            per_view = _log_probs(model, images["views"].flatten(0, 1), run.device, batch_size).reshape(b, k, -1)
+            # log mean_k p_k = logsumexp_k log p_k - log K: no underflow for tiny probabilities
+            sums[name][VIEWS].add(torch.logsumexp(per_view, 1) - math.log(k), batch["label"], batch["clean_label"])
+        keys += batch["key"]
+        shards += batch["shard"]
+        given.append(batch["label"])
+        clean.append(batch["clean_label"])
+        bar.update(b)
+        if max_samples is not None and len(keys) >= max_samples:
+            break
+    bar.close()
+    if not keys:
+        raise ShardError(f"no samples read from {list(urls)!r}")
+    return SamplePredictions(keys, shards, torch.cat(given).numpy(), torch.cat(clean).numpy(),
+                             {name: {mode: acc.result() for mode, acc in per_model.items()}
+                              for name, per_model in sums.items()},
+                             views, seed, noise_spec)
+
+
+# ----------------------------------------------------------------------------- the command line
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """The arguments both tools share."""
+    parser.add_argument("run_dir", type=Path, help="a run's output_dir (config.yaml, checkpoints/)")
+    parser.add_argument("--views", type=int, default=10, metavar="K", help="AugMix teacher views per sample (10)")
+    parser.add_argument("--shards", default=None, metavar="URL",
+                        help="training shards: URL, brace pattern or glob (default: the run's data.train)")
+    parser.add_argument("--noise", choices=["run", "none"], default="run",
+                        help="labels: as the run saw them, its load-time data.noise applied (run, the default), "
+                             "or the shards' own .cls labels (none)")
+    parser.add_argument("--max-samples", type=int, default=None, metavar="N",
+                        help="only the first N samples (default: all)")
+    parser.add_argument("--batch-size", type=int, default=None, metavar="B",
+                        help="samples per batch and images per forward (default: eval.batch_size or "
+                             "2 x data.batch_size)")
+    parser.add_argument("--workers", type=int, default=None, help="DataLoader workers (default: data.workers)")
+    parser.add_argument("--device", default="auto", help="auto (cuda when available, else cpu), cpu, cuda, cuda:1 ...")
+    parser.add_argument("--seed", type=int, default=None,
+                        help="seed of the views, drawn per sample from (seed, key) (default: run.seed)")
+
+
+def predict_from_args(args: argparse.Namespace, which: str, plain: bool, require_clean: bool
+                      ) -> tuple[RunModels, list[str], SamplePredictions]:
+    """Load the run named by ``args`` and run :func:`predict_samples` over its shards."""
+    run = load_run(args.run_dir, which, resolve_device(args.device))
+    data = run.cfg.data
+    storage.configure(_without_redacted(data.storage), data.retries, data.retry_backoff_s)
+    urls = expand_urls(args.shards if args.shards else data.train, "--shards" if args.shards else "data.train")
+    predictions = predict_samples(run, urls, args.views, plain=plain, noise=args.noise == "run", seed=args.seed,
+                                  batch_size=args.batch_size, workers=args.workers, max_samples=args.max_samples,
+                                  require_clean=require_clean)
+    return run, urls, predictions
+
+
+def describe(run: RunModels, urls: Sequence[str], predictions: SamplePredictions) -> dict[str, Any]:
+    """What a pass was over, for the tools' JSON outputs."""
+    return {"run_dir": str(run.run_dir), "checkpoint": run.checkpoint.name, "shards": list(urls),
+            "samples": len(predictions.keys), "views": predictions.views, "view_seed": predictions.seed,
+            "load_time_noise": predictions.noise, "device": str(run.device)}
+
+
+def finite_or_none(value: float) -> Optional[float]:
+    """JSON has no NaN: an undefined metric (no sample to compute it on) is null."""
+    return float(value) if math.isfinite(value) else None
+
+
+def run_tool(body: Callable[[], int]) -> int:
+    """A tool's error policy: a problem with the run or its data is one ``error:`` line on
+    stderr (storage secrets redacted) and exit status 2; anything else is a bug and
+    keeps its traceback. (ConfigError, ShardError and StorageError are ValueErrors.)"""
+    try:
+        return body()
+    except (FileNotFoundError, ValueError) as err:
+        print(storage.redact(f"error: {err}"), file=sys.stderr)
+        return 2
