@@ -50,7 +50,8 @@ NOISY_VAL = "data/fmnist/train/train-000011.tar"  # 5,000 other training images,
 TEST = "data/fmnist/test/test-{000000..000001}.tar"  # all 10,000 clean test images
 EPOCHS = 30
 COMMON = [f"data.train={TRAIN}", f"data.val.fmnist_test={TEST}", f"data.val.noisy_val={NOISY_VAL}",
-          "eval.noisy_val=[noisy_val]", "eval.every_epochs=2", f"optim.epochs={EPOCHS}", "eval.label_correction_samples=1000",
+          "eval.noisy_val=[noisy_val]", "eval.every_epochs=2", f"optim.epochs={EPOCHS}",
+          "eval.label_correction_samples=1000",
           "checkpoint.every_steps=0", "checkpoint.keep=1", "log.every_steps=1000", "data.workers=1"]
 
 SETTINGS: dict[str, dict[str, Any]] = {
