@@ -1,6 +1,7 @@
 """The noisy-label benchmark sweep on Fashion-MNIST (real data, available here).
 
     .venv/bin/python benchmarks/noisy_labels.py run [--only CELL_PREFIX] [--commit]
+    .venv/bin/python benchmarks/noisy_labels.py diagnose     # Table 1 / AUROC of CE and NRD runs
     .venv/bin/python benchmarks/noisy_labels.py table
     .venv/bin/python benchmarks/noisy_labels.py list
 
@@ -213,6 +214,33 @@ def cmd_run(args) -> int:
     return 0
 
 
+DIAGNOSED = RESULTS / "diagnose"
+DIAGNOSE_METHODS = ("ce", "nrd")  # CE's student against NRD's teacher
+
+
+def cmd_diagnose(args) -> int:
+    """tools/diagnose.py on each finished CE and NRD cell of seed 0: Table 1 and the
+    AUROC of detecting mislabeled training samples, per noise setting."""
+    for cell in plan():
+        setting, method, _, seed = cell
+        name = cell_name(*cell)
+        target = DIAGNOSED / f"{name}.json"
+        if method not in DIAGNOSE_METHODS or seed != 0 or load_result(name) is None or target.exists():
+            continue
+        out = RUNS / name / "diagnose"
+        cmd = [sys.executable, "tools/diagnose.py", str(RUNS / name), "--views", "10", "--out", str(out)]
+        print(f"[sweep] diagnose {name}", flush=True)
+        subprocess.run(cmd, cwd=REPO, check=True, stdout=subprocess.DEVNULL)
+        report = json.loads((out / "diagnose.json").read_text())
+        DIAGNOSED.mkdir(parents=True, exist_ok=True)
+        write_atomic(target, json.dumps({"cell": name, "command": " ".join(cmd[1:]).replace(str(REPO) + "/", ""),
+                                         **report}, indent=1) + "\n")
+        for png in out.glob("log_likelihood_*.png"):
+            if setting in ("sym40", "sym60"):
+                (DIAGNOSED / f"{name}-{png.name}").write_bytes(png.read_bytes())
+    return 0
+
+
 def cmd_list(args) -> int:
     for cell in plan():
         name = cell_name(*cell)
@@ -225,9 +253,10 @@ def cmd_table(args) -> int:
     from sweep_report import write_report
 
     results = [json.loads(p.read_text()) for p in sorted(CELLS.glob("*.json"))]
+    diagnosed = [json.loads(p.read_text()) for p in sorted(DIAGNOSED.glob("*.json"))]
     selected = {m: selected_grid_index(m) for m in GRIDS}
     path = write_report(results, selected, RESULTS, settings=list(SETTINGS), methods=list(GRIDS), labels=LABELS,
-                        protocol=__doc__)
+                        protocol=__doc__, diagnosed=diagnosed)
     print(f"wrote {path}")
     return 0
 
@@ -240,8 +269,9 @@ def main(argv: Optional[list[str]] = None) -> int:
     run.add_argument("--commit", action="store_true", help="git-commit each result file as it is written")
     sub.add_parser("list", help="cells and their state")
     sub.add_parser("table", help="write docs/results/README.md and the plots from the finished cells")
+    sub.add_parser("diagnose", help="tools/diagnose.py on the finished CE and NRD cells (seed 0)")
     args = parser.parse_args(argv)
-    return {"run": cmd_run, "list": cmd_list, "table": cmd_table}[args.what](args)
+    return {"run": cmd_run, "list": cmd_list, "table": cmd_table, "diagnose": cmd_diagnose}[args.what](args)
 
 
 if __name__ == "__main__":

@@ -35,8 +35,30 @@ def table(rows: dict[str, dict[str, list[float]]], settings: list[str], header: 
     return lines
 
 
+def diagnosis_lines(diagnosed: list[dict]) -> list[str]:
+    """Table 1 and the mislabeled-detection AUROC per noise setting (tools/diagnose.py)."""
+    if not diagnosed:
+        return []
+    lines = ["## Mislabeled training samples (tools/diagnose.py, seed 0, K = 10 AugMix views)", "",
+             "Accuracy against the clean label on training samples whose label is clean / mislabeled, on the plain",
+             "image and averaged over the K views; AUROC of detecting mislabeled samples by -log p(given label).", "",
+             "| run | model | clean: plain | clean: K views | mislabeled: plain | mislabeled: K views "
+             "| AUROC plain | AUROC K views |", "|---|---|---|---|---|---|---|---|"]
+    def number(value: Optional[float], digits: int) -> str:
+        return "–" if value is None else f"{value:.{digits}f}"
+
+    for report in diagnosed:
+        for model, modes in report["table1"].items():
+            auroc = report["auroc"][model]
+            cells = [number(modes[m][subset], 1) for subset in ("clean", "mislabeled")
+                     for m in ("plain", "augmix_ensemble")]
+            cells += [number(auroc[m], 3) for m in ("plain", "augmix_ensemble")]
+            lines.append(f"| {report['cell']} | {model} | " + " | ".join(cells) + " |")
+    return lines + [""]
+
+
 def write_report(results: list[dict], selected: dict[str, Optional[int]], out: Path, settings: list[str],
-                 methods: list[str], labels: dict[str, str], protocol: str) -> Path:
+                 methods: list[str], labels: dict[str, str], protocol: str, diagnosed: list[dict] = ()) -> Path:
     cells = final_cells(results, selected)
     top1: dict[str, dict[str, list[float]]] = {}
     ece: dict[str, dict[str, list[float]]] = {}
@@ -62,6 +84,7 @@ def write_report(results: list[dict], selected: dict[str, Optional[int]], out: P
             mark = "yes" if selected.get(method) == cell["grid_index"] else ""
             lines.append(f"| {labels[method]} | `{cell['hyperparameters']}` | {cell['noisy_val_top1_last']:.2f} | {mark} |")
 
+    lines += ["", *diagnosis_lines(list(diagnosed))]
     plots = []
     for setting in settings:
         series = {}
