@@ -241,3 +241,37 @@ def test_training_stops_with_a_clear_error_when_the_server_dies_mid_run(fmnist_s
         assert time.time() - started < 90
     finally:
         server.stop()
+
+
+def test_http_shards_stream_the_same_samples_as_local_files(fmnist_small):
+    """Any fsspec URL goes through the same opener: here http:// from a loopback server."""
+    import functools
+    import http.server
+
+    from nrd_dist.data.augment import build_policy
+    from nrd_dist.data.shards import ShardStream, expand_urls
+
+    root = Path(fmnist_small["root"])
+    handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(root))
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        storage.configure()
+        pattern = f"http://127.0.0.1:{server.server_address[1]}/test/test-{{000000..000001}}.tar"
+        remote = expand_urls(pattern, "data.val.test")  # checked to exist, as a run does
+        local = expand_urls(fmnist_small["test"])
+        transform = build_policy("fmnist").eval
+
+        def keys_and_labels(urls):
+            return [(s["key"], s["label"], float(s["image"].sum()))
+                    for s in ShardStream(urls, transform, 10, channels=1, train=False)]
+
+        assert keys_and_labels(remote) == keys_and_labels(local)
+        assert len(keys_and_labels(remote)) == fmnist_small["test_count"]
+        missing = pattern.replace("test-{000000..000001}", "test-000009")
+        with pytest.raises(storage.StorageError, match="does not exist"):
+            expand_urls(missing, "data.val.test")
+    finally:
+        server.shutdown()
+        server.server_close()
