@@ -85,13 +85,16 @@ def main() -> int:
     lines = ["# Benchmarks", "",
              f"Written by `benchmarks/run_all.py` on {datetime.date.today()}: {machine()}.", "",
              "## NRD vs CE step time (data in memory, one process, alternating blocks)", "",
-             "| model | device | precision | CE ms | NRD ms | NRD / CE | EMA ms | EMA / CE step |",
-             "|---|---|---|---|---|---|---|---|"]
-    rows = [run_json([PY, "benchmarks/step_time.py", *spec, *blocks]) for _, spec in STEP_TIMES]
+             "| model | device | source | precision | CE ms | NRD ms | NRD / CE | EMA ms | EMA / CE step |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    rows = [{**run_json([PY, "benchmarks/step_time.py", *spec, *blocks]), "source": "this run"}
+            for _, spec in STEP_TIMES]
     for path in sorted(RESULTS.glob("gpu_step_time_*.jsonl")):
-        rows += [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+        rows += [{**json.loads(line), "source": f"`{path.relative_to(REPO)}`"}
+                 for line in path.read_text().splitlines() if line.strip()]
     for r in rows:
-        lines.append(f"| {r['arch']} {r['image_size']} px, batch {r['batch_size']} | {r['device']} | {r['precision']} "
+        lines.append(f"| {r['arch']} {r['image_size']} px, batch {r['batch_size']} | {r['device']} | {r['source']} "
+                     f"| {r['precision']} "
                      f"| {r['ce_step_ms']} | {r['nrd_step_ms']} | {r['nrd_over_ce']} "
                      f"({verdict(r['nrd_over_ce'], 'nrd_over_ce', True)}) | {r['ema_update_ms']} | "
                      f"{100 * r['ema_over_ce_step']:.1f}% |")
