@@ -251,6 +251,16 @@ def cmd_list(args) -> int:
     return 0
 
 
+def status() -> str:
+    cells = plan()
+    done = sum(load_result(cell_name(*c)) is not None for c in cells)
+    selection_done = all(selected_grid_index(m) is not None for m in GRIDS)
+    if selection_done and done == len(cells):
+        return f"all {done} cells done."
+    planned = f"{len(cells)}" if selection_done else f"{len(cells)} planned so far (more once the selection is done)"
+    return f"in progress: {done} of {planned} cells done; the tables show only what is done."
+
+
 def cmd_table(args) -> int:
     from sweep_report import write_report
 
@@ -258,7 +268,7 @@ def cmd_table(args) -> int:
     diagnosed = [json.loads(p.read_text()) for p in sorted(DIAGNOSED.glob("*.json"))]
     selected = {m: selected_grid_index(m) for m in GRIDS}
     path = write_report(results, selected, RESULTS, settings=list(SETTINGS), methods=list(GRIDS), labels=LABELS,
-                        protocol=__doc__, diagnosed=diagnosed)
+                        protocol=__doc__, diagnosed=diagnosed, status=status())
     print(f"wrote {path}")
     return 0
 

@@ -58,7 +58,8 @@ def diagnosis_lines(diagnosed: list[dict]) -> list[str]:
 
 
 def write_report(results: list[dict], selected: dict[str, Optional[int]], out: Path, settings: list[str],
-                 methods: list[str], labels: dict[str, str], protocol: str, diagnosed: list[dict] = ()) -> Path:
+                 methods: list[str], labels: dict[str, str], protocol: str, diagnosed: list[dict] = (),
+                 status: str = "") -> Path:
     cells = final_cells(results, selected)
     top1: dict[str, dict[str, list[float]]] = {}
     ece: dict[str, dict[str, list[float]]] = {}
@@ -73,7 +74,7 @@ def write_report(results: list[dict], selected: dict[str, Optional[int]], out: P
 
     lines = ["# Noisy-label benchmark: Fashion-MNIST", "",
              "Produced by `benchmarks/noisy_labels.py` (run, then `table`); every number below comes from",
-             "the cell files in `cells/`, each holding its exact command.", "",
+             "the cell files in `cells/`, each holding its exact command.", "", f"**Status:** {status}", "",
              "## Clean test top-1 (%) at the last epoch", "", *table(top1, settings, "method"), "",
              "## Expected calibration error (%, 15 bins) at the last epoch", "", *table(ece, settings, "method"), "",
              "## Hyperparameter selection (noisy validation top-1 %, 40% symmetric, seed 0)", "",
