@@ -275,3 +275,30 @@ def test_http_shards_stream_the_same_samples_as_local_files(fmnist_small):
     finally:
         server.shutdown()
         server.server_close()
+
+
+def test_storage_options_translate_to_s3fs_and_a_named_profile_reaches_the_server(s3_server, s3_shards, tmp_path,
+                                                                                 monkeypatch):
+    options = storage.fsspec_options("s3", {"endpoint_url": "http://x", "profile": "p", "region": "eu-west-1",
+                                            "anonymous": True})
+    assert options["endpoint_url"] == "http://x" and options["profile"] == "p" and options["anon"] is True
+    assert options["client_kwargs"] == {"region_name": "eu-west-1"}
+    assert options["config_kwargs"]["connect_timeout"] == 5  # fail fast, then our retries with backoff
+    # A real profile: credentials from a shared credentials file, none in the environment.
+    credentials = tmp_path / "credentials"
+    credentials.write_text(f"[nrd-bench]\naws_access_key_id = {s3_server.storage_options['key']}\n"
+                           f"aws_secret_access_key = {s3_server.storage_options['secret']}\n")
+    for name in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", str(credentials))
+    monkeypatch.setenv("AWS_CONFIG_FILE", str(tmp_path / "no-config"))
+    from nrd_dist.data.shards import expand_urls
+
+    try:
+        storage.configure({"endpoint_url": s3_server.endpoint, "profile": "nrd-bench"})
+        assert len(expand_urls(s3_shards["train"], "data.train")) == 3
+        storage.configure({"endpoint_url": s3_server.endpoint, "profile": "no-such-profile"})
+        with pytest.raises(storage.StorageError, match="no usable credentials or settings"):
+            expand_urls(s3_shards["train"], "data.train")
+    finally:
+        storage.configure()
