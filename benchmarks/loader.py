@@ -19,15 +19,14 @@ import tempfile
 import time
 from pathlib import Path
 
-import torch
 import webdataset as wds
 from torch.utils.data import DataLoader
 from torchvision import datasets, transforms
 
+from common import DEMO_TRAIN_SHARDS, local_shards
 from nrd_dist.data.augment import TrainViews, build_policy
 from nrd_dist.data.shards import ShardStream, make_loader
 
-REPO = Path(__file__).resolve().parents[1]
 
 
 def timed(loader, samples: int, batch_size: int) -> float:
@@ -53,17 +52,13 @@ def as_image_folder(shard: str, root: Path, limit: int) -> int:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--shards", type=Path, default=REPO / "data" / "fmnist" / "train")
+    parser.add_argument("--shards", type=Path, default=DEMO_TRAIN_SHARDS)
     parser.add_argument("--samples", type=int, default=4096)
     parser.add_argument("--batch-size", type=int, default=128)
     parser.add_argument("--workers", type=int, default=1)
     parser.add_argument("--repeats", type=int, default=3)
     args = parser.parse_args()
-    shards = sorted(str(p) for p in args.shards.glob("*.tar"))
-    if not shards:
-        print(f"error: no shards in {args.shards} (run `make demo`)", file=sys.stderr)
-        return 2
-    torch.set_num_threads(1)
+    shards = local_shards(args.shards)
     policy = build_policy("fmnist")
     views = TrainViews(policy, with_teacher=True)
     rates: dict[str, list[float]] = {"shards_student_teacher": [], "imagefolder_student_teacher": [],

@@ -17,11 +17,11 @@ import sys
 import time
 from pathlib import Path
 
-import torch
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "tests"))  # the tests' S3 server fixture class, reused
 
+from common import DEMO_TRAIN_SHARDS, local_shards  # noqa: E402
 from conftest import S3Server  # noqa: E402
 
 from nrd_dist.data.shards import ShardStream, make_loader  # noqa: E402
@@ -38,15 +38,11 @@ def samples_per_s(urls: list[str], workers: int, options: dict, batch_size: int 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--shards", type=Path, default=REPO / "data" / "fmnist" / "train")
+    parser.add_argument("--shards", type=Path, default=DEMO_TRAIN_SHARDS)
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--repeats", type=int, default=3)
     args = parser.parse_args()
-    local = sorted(str(p) for p in args.shards.glob("*.tar"))
-    if not local:
-        print(f"error: no shards in {args.shards} (run `make demo` or tools/make_shards.py)", file=sys.stderr)
-        return 2
-    torch.set_num_threads(1)
+    local = local_shards(args.shards)
     server = S3Server(Path("/tmp/nrd-bench-moto.log")).start()
     try:
         remote = [url for url in server.upload(args.shards, "s3://bench/shards") if url.endswith(".tar")]

@@ -24,7 +24,7 @@ import io
 import os
 import re
 import time
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 from urllib.parse import urlparse
 
 from webdataset.gopen import gopen_schemes
@@ -159,8 +159,9 @@ def explain(url: str, err: BaseException, attempts: int = 1) -> StorageError:
     return StorageError(f"{what} [{detail}]")
 
 
-def _retrying(url: str, action, what: str):
-    """Run ``action()``; retry transient errors with exponential backoff."""
+def _retrying(url: str, action: Callable[[], Any], before_retry: Optional[Callable[[], None]] = None):
+    """Run ``action()``; retry transient errors with exponential backoff, calling
+    ``before_retry()`` (e.g. reopen a broken stream) before each new attempt."""
     attempt = 0
     while True:
         attempt += 1
@@ -170,6 +171,8 @@ def _retrying(url: str, action, what: str):
             if _is_permanent(err) or attempt > _Settings.retries:
                 raise explain(url, err, attempt) from None
             time.sleep(_Settings.backoff_s * 2 ** (attempt - 1))
+            if before_retry is not None:
+                before_retry()
 
 
 # ------------------------------------------------------------------ reading
@@ -194,28 +197,22 @@ class RetryingReader(io.RawIOBase):
                 handle.seek(self.position)
             return handle
 
-        self._file = _retrying(self.url, do_open, "open")
+        self._file = _retrying(self.url, do_open)
 
     def readable(self) -> bool:
         return True
 
     def readinto(self, buffer) -> int:
-        attempt = 0
-        while True:
-            try:
-                data = self._file.read(len(buffer))
-                break
-            except Exception as err:  # noqa: BLE001 - classified below
-                attempt += 1
-                if _is_permanent(err) or attempt > _Settings.retries:
-                    raise explain(self.url, err, attempt) from None
-                time.sleep(_Settings.backoff_s * 2 ** (attempt - 1))
-                self._close_file()
-                self._fs.invalidate_cache()
-                self._open()
+        data = _retrying(self.url, lambda: self._file.read(len(buffer)), before_retry=self._reopen)
         buffer[:len(data)] = data
         self.position += len(data)
         return len(data)
+
+    def _reopen(self) -> None:
+        """After a broken read: a fresh connection, at the byte reached so far."""
+        self._close_file()
+        self._fs.invalidate_cache()
+        self._open()
 
     def _close_file(self) -> None:
         try:
@@ -255,7 +252,7 @@ def expand_remote(pattern: str, what: str) -> list[str]:
     fs = filesystem(pattern)
     protocol = urlparse(pattern).scheme
     if globlib.has_magic(urlparse(pattern).path):
-        matches = _retrying(pattern, lambda: fs.glob(pattern), "list")
+        matches = _retrying(pattern, lambda: fs.glob(pattern))
         if not matches:
             raise StorageError(f"{what}: no shard matches {pattern!r}")
         return sorted(m if "://" in m else f"{protocol}://{m}" for m in matches)
@@ -268,13 +265,13 @@ def read_text(url: str) -> str:
         with open(urlparse(url).path if url.startswith("file://") else url) as f:
             return f.read()
     fs = filesystem(url)
-    return _retrying(url, lambda: fs.cat_file(url).decode(), "read")
+    return _retrying(url, lambda: fs.cat_file(url).decode())
 
 
 def check_exists(url: str, what: str) -> None:
     """Fail before any worker starts if a remote shard is missing or unreadable."""
     fs = filesystem(url)
-    info = _retrying(url, lambda: fs.info(url), "stat")
+    info = _retrying(url, lambda: fs.info(url))
     if info.get("type") == "directory":
         raise StorageError(f"{what}: {url!r} is a folder, not a shard")
     if not info.get("size"):

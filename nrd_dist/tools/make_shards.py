@@ -182,17 +182,17 @@ def write(plan: Plan, progress: bool = True) -> tuple[dict[str, Any], dict[str, 
     if plan.noise:
         labels = apply_noise(source.keys, source.labels, plan.noise, num_classes)
     pre_bad = {b.index for b in source.bad if b.index is not None}
-    todo = [i for i in range(len(source.keys)) if i not in pre_bad]
+    pending = [i for i in range(len(source.keys)) if i not in pre_bad]
     records = list(plan.records)
     stats = {"shards_written": 0, "shards_reused": 0}
     tail_skipped: list[dict[str, Any]] = []
 
     decoder = Decoder(source, opts)
-    bar = tqdm(total=len(todo), desc=f"{plan.dataset}/{split}", unit="img", disable=not progress)
+    bar = tqdm(total=len(pending), desc=f"{plan.dataset}/{split}", unit="img", disable=not progress)
     try:
         with dest.staging(".staging-") as staging:
             cursor, shard, stream, stream_at = 0, 0, None, -1
-            while cursor < len(todo):
+            while cursor < len(pending):
                 record = records[shard] if shard < len(records) else None
                 if (record is not None and record.get("first") == cursor
                         and dest.matches(record["name"], record["bytes"], record["sha256"])):
@@ -204,12 +204,12 @@ def write(plan: Plan, progress: bool = True) -> tuple[dict[str, Any], dict[str, 
                 if stream is None or stream_at != cursor:
                     if stream is not None:
                         stream.close()
-                    stream = decoder.stream(todo[cursor:])
+                    stream = decoder.stream(pending[cursor:])
                 first, skipped, count = cursor, [], 0
                 resized = reencoded = 0
                 writer = ShardWriter(staging, "shard", plan.shard_size)
-                while count < plan.shard_size and cursor < len(todo):
-                    index = todo[cursor]
+                while count < plan.shard_size and cursor < len(pending):
+                    index = pending[cursor]
                     loaded = next(stream)
                     cursor += 1
                     bar.update(1)
@@ -252,7 +252,7 @@ def write(plan: Plan, progress: bool = True) -> tuple[dict[str, Any], dict[str, 
     if not records:
         raise SourceError(f"{plan.dataset} {split} in {plan.src}: no samples left to write")
 
-    written = np.asarray([i for r in records for i in _written_indices(r, todo)], dtype=np.int64)
+    written = np.asarray([i for r in records for i in _written_indices(r, pending)], dtype=np.int64)
     skipped = [_skipped_entry(source, b) for b in source.bad] + \
         [s for r in records for s in r["skipped"]] + tail_skipped
     skipped = [{k: v for k, v in entry.items() if k != "index"} for entry in skipped]
@@ -280,9 +280,9 @@ def write(plan: Plan, progress: bool = True) -> tuple[dict[str, Any], dict[str, 
     return manifest, stats
 
 
-def _written_indices(record: dict[str, Any], todo: list[int]) -> list[int]:
+def _written_indices(record: dict[str, Any], pending: list[int]) -> list[int]:
     skipped = {s["index"] for s in record["skipped"]}
-    return [i for i in todo[record["first"]:record["end"]] if i not in skipped]
+    return [i for i in pending[record["first"]:record["end"]] if i not in skipped]
 
 
 def make_shards(dataset: str, src: Path, out: Any, split: str, shard_size: int = 5000,
