@@ -103,6 +103,7 @@ class DataConfig:
     num_classes: int = 10
     batch_size: int = 128  # per rank
     workers: int = 2  # DataLoader worker processes per rank
+    persistent_workers: bool = True  # keep the training loader's workers between epochs
     shuffle_buffer: int = 2000  # samples held in the shuffle buffer per worker
     samples_per_epoch: Optional[int] = None  # defines an epoch when streaming
     sampling: Literal["epoch", "resampled"] = "epoch"  # shard dealing, see nrd_dist.data.shards
@@ -258,6 +259,9 @@ class OptimConfig:
             raise ConfigError(f"{path}.clip_grad_norm: must be > 0, got {self.clip_grad_norm}")
 
 
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
+
+
 @dataclass
 class EngineConfig:
     backend: Literal["ddp", "deepspeed"] = "ddp"
@@ -266,6 +270,8 @@ class EngineConfig:
     sync_bn: bool = False
     grad_accum_steps: int = 1
     timeout_s: int = 1800  # collective timeout: a dead rank fails the job after this long
+    compile: bool = False  # torch.compile the student, the teacher and the loss
+    compile_mode: str = "default"  # torch.compile mode
 
     def validate(self, path: str) -> None:
         if self.zero_stage not in (0, 1, 2, 3):
@@ -277,6 +283,12 @@ class EngineConfig:
         if self.grad_accum_steps > 1 and self.backend != "deepspeed":
             raise ConfigError(f"{path}.grad_accum_steps: gradient accumulation needs engine.backend=deepspeed")
         _positive(f"{path}.timeout_s", self.timeout_s)
+        if self.compile_mode not in COMPILE_MODES:
+            raise ConfigError(f"{path}.compile_mode: must be one of {', '.join(COMPILE_MODES)}, "
+                              f"got {self.compile_mode!r}")
+        if self.compile and self.backend == "deepspeed":
+            raise ConfigError(f"{path}.compile: supported with engine.backend=ddp (and one process); "
+                              f"DeepSpeed's ZeRO hooks are not traced here")
 
 
 @dataclass

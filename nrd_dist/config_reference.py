@@ -19,6 +19,7 @@ HELP = {
     "data.num_classes": "number of classes; labels must lie in [0, num_classes)",
     "data.batch_size": "samples per step per rank (the global batch is this x world size)",
     "data.workers": "DataLoader worker processes per rank",
+    "data.persistent_workers": "keep the training loader's worker processes between epochs (the batches are the same either way; false restarts them each epoch)",
     "data.shuffle_buffer": "samples per worker held in the seeded shuffle buffer (0: shard order only)",
     "data.samples_per_epoch": "samples in one epoch; null: counted from the manifest.json beside the shards",
     "data.sampling": "epoch (a seeded shard permutation dealt to rank x worker slots, each sample about "
@@ -73,6 +74,8 @@ HELP = {
     "engine.sync_bn": "SyncBatchNorm for the student under DDP (CUDA only, as in torch)",
     "engine.grad_accum_steps": "gradient accumulation steps (deepspeed)",
     "engine.timeout_s": "collective timeout in seconds: a dead or stuck rank fails the job instead of hanging it",
+    "engine.compile": "torch.compile the student, the teacher and the loss (inductor; the first steps pay the compilation; backend ddp or one process)",
+    "engine.compile_mode": "torch.compile mode: default, reduce-overhead (CUDA graphs), max-autotune, max-autotune-no-cudagraphs",
     "train.nonfinite": "a non-finite loss: stop (naming the step and the batch's sample keys) or skip the step",
     "train.nonfinite_budget": "skip: steps that may be skipped (counted and logged) before the run stops",
     "eval.every_epochs": "evaluate on data.val every this many epochs (and after the last)",

@@ -133,6 +133,12 @@ class Trainer:
         template = copy.deepcopy(model) if self.loss_fn.needs_teacher else None
         engine.setup(model, optimizer)
         self.teacher = engine.make_teacher(template) if template is not None else None
+        if cfg.engine.compile:
+            # In place (nn.Module.compile): state-dict keys, parameters and the EMA pairing
+            # stay those of the plain modules. After the teacher's deepcopy of the student.
+            for module in (model, self.teacher.module if self.teacher is not None else None, self.loss_fn):
+                if module is not None:
+                    module.compile(mode=cfg.engine.compile_mode)
 
         self.steps_per_epoch = max(plan.train_samples // (cfg.data.batch_size * engine.world_size), 1)
         # The schedule counts optimizer steps: one per grad_accum_steps batches.
@@ -148,7 +154,7 @@ class Trainer:
         train_stream = self._stream(plan.train_urls, TrainViews(self.policy, self.teacher is not None,
                                                                 self.student_views), train=True)
         self.train_loader = make_loader(train_stream, cfg.data.batch_size, cfg.data.workers, drop_last=True,
-                                        pin_memory=pin)
+                                        pin_memory=pin, persistent=cfg.data.persistent_workers)
         eval_batch = cfg.eval.batch_size or 2 * cfg.data.batch_size
         self.val_loaders = {
             name: make_loader(self._stream(urls, self.policy.eval, train=False, noise=name in cfg.eval.noisy_val),
@@ -251,6 +257,7 @@ class Trainer:
             if (epoch + 1) % cfg.eval.every_epochs == 0 or epoch + 1 == cfg.optim.epochs:
                 self.run_evaluation(epoch)
             self.checkpointer.save(epoch + 1, 0)
+        self.train_loader = None  # stops persistent workers: their memory is free for the final analysis
         if not hasattr(self, "last_meters"):  # resumed after the last epoch's checkpoint
             self.run_evaluation(cfg.optim.epochs - 1)
         summary = self.finish(time.time() - start, train_samples / max(train_time, 1e-9))
@@ -296,7 +303,7 @@ class Trainer:
             if every and self.step % every == 0 and batch_index + 1 < self.steps_per_epoch:
                 self.checkpointer.save(epoch, batch_index + 1)
         bar.close()
-        del batches  # stops this epoch's workers before the next epoch's start
+        del batches  # non-persistent workers stop here, before the next epoch's start
         return seen
 
     def eval_context(self) -> EvalContext:

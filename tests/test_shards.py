@@ -102,6 +102,33 @@ def test_workers_seeded_order_and_augmentations(shards):
     assert collect(other_seed, 18)[1] != orders[0][0]
 
 
+def test_persistent_workers_give_the_same_batches_as_fresh_ones(shards):
+    """Persistent workers keep their copy of the stream: the epoch must still reach them
+    (shard order, shuffle) and their augmentation RNGs must be reseeded per epoch, or a
+    resumed run (fresh workers) would see other batches than the run it continues."""
+    def epochs(persistent, which):
+        loader = make_loader(stream(shards, shuffle_buffer=20, seed=3), batch_size=5, workers=2,
+                             persistent=persistent)
+        out = []
+        for epoch in which:
+            set_epoch(loader, epoch)
+            batches, keys = collect(loader, 7)
+            out.append((keys, torch.cat([b["student"] for b in batches]), torch.cat([b["teacher"] for b in batches])))
+        return out, loader
+
+    persistent, loader = epochs(True, (0, 1, 2))
+    workers = loader._iterator._workers  # private, read only: the same processes served every epoch
+    assert len(workers) == 2 and all(w.is_alive() for w in workers)
+    assert persistent[0][0] != persistent[1][0] != persistent[2][0]
+    for epoch, fresh in ((0, epochs(False, (0,))[0][0]), (2, epochs(False, (2,))[0][0])):
+        assert fresh[0] == persistent[epoch][0]
+        assert torch.equal(fresh[1], persistent[epoch][1]) and torch.equal(fresh[2], persistent[epoch][2])
+    del loader
+    for w in workers:
+        w.join(timeout=10)
+    assert not any(w.is_alive() for w in workers)  # dropping the loader stops them
+
+
 def test_uneven_shards_never_run_dry_and_top_up_deterministically(shards):
     """3 shards over 2 ranks x 2 workers: the 4th slot has no dealt shard; every rank can
     still take the same number of batches (a collective would hang otherwise)."""

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import glob
 import hashlib
+import multiprocessing
 import os
 import random
 import tarfile
@@ -24,6 +25,7 @@ import zlib
 from typing import Any, Callable, Iterator, Optional, Sequence, Union
 from urllib.parse import urlparse
 
+import numpy as np
 import torch
 import webdataset as wds
 from braceexpand import braceexpand
@@ -197,11 +199,17 @@ class ShardStream(IterableDataset):
         if sampling not in ("epoch", "resampled"):
             raise ValueError(f"data.sampling: must be 'epoch' or 'resampled', got {sampling!r}")
         self.sampling = sampling
-        self.epoch = 0
+        # Shared memory, so persistent DataLoader workers (which keep the copy of this
+        # stream they were started with) see each new epoch too.
+        self._epoch = multiprocessing.Value("q", 0, lock=False)
+
+    @property
+    def epoch(self) -> int:
+        return int(self._epoch.value)
 
     def set_epoch(self, epoch: int) -> None:
-        """Call before iterating each epoch (workers receive a copy of this state)."""
-        self.epoch = epoch
+        """Call before iterating each epoch; reaches running workers as well."""
+        self._epoch.value = epoch
 
     def shards_for(self, worker: int, num_workers: int) -> list[str]:
         """The shards of one (rank, worker) slot this epoch."""
@@ -232,6 +240,14 @@ class ShardStream(IterableDataset):
         storage.configure(*self.storage)  # this may be a fresh DataLoader worker process
         info = torch.utils.data.get_worker_info()
         worker, num_workers = (info.id, info.num_workers) if info else (0, 1)
+        if info is not None:
+            # The augmentations draw from the worker's global RNGs: seed them from
+            # (seed, epoch, rank, worker) at each epoch's start, so a persistent worker
+            # and a fresh one (a resumed run) augment alike.
+            augment_seed = mix_seed("augment", self.seed, self.epoch, self.rank, worker)
+            torch.manual_seed(augment_seed)
+            random.seed(augment_seed)
+            np.random.seed(augment_seed % 2**32)
         rng = random.Random(mix_seed("samples", self.seed, self.epoch, self.rank, worker))
         bad: list[str] = []  # reports not yet handed on
         samples = self._good_samples(self._raw_samples(self.shard_sequence(worker, num_workers), bad), bad)
@@ -323,24 +339,29 @@ def _shuffled(samples: Iterator[Any], size: int, rng: random.Random) -> Iterator
 
 
 def make_loader(stream: ShardStream, batch_size: int, workers: int, drop_last: bool = True,
-                pin_memory: bool = False) -> DataLoader:
-    """A DataLoader over ``stream``; call :func:`set_epoch` before each epoch."""
+                pin_memory: bool = False, persistent: bool = False) -> DataLoader:
+    """A DataLoader over ``stream``; call :func:`set_epoch` before each epoch.
+
+    ``persistent`` keeps the worker processes between epochs (no start-up and no empty
+    prefetch queue at each epoch's start); the batches are the same either way.
+    """
     return DataLoader(
         stream,
         batch_size=batch_size,
         num_workers=workers,
         drop_last=drop_last,
         pin_memory=pin_memory,
-        # Workers' torch/random/numpy seeds derive from this generator (see set_epoch).
+        # A fixed generator: the DataLoader would otherwise draw its workers' base seed
+        # from the global RNG. The workers reseed per epoch (ShardStream.__iter__).
         generator=torch.Generator().manual_seed(mix_seed("workers", stream.seed, 0, stream.rank)),
         prefetch_factor=4 if workers > 0 else None,
+        persistent_workers=persistent and workers > 0,
     )
 
 
 def set_epoch(loader: DataLoader, epoch: int) -> None:
     """Fix all of the next epoch's data randomness to ``(seed, epoch, rank)``: shard order,
-    shuffle buffers and the workers' augmentation seeds (derived by the DataLoader from
-    its generator), however many epochs ran before in this process."""
+    shuffle buffers and the workers' augmentation seeds, however many epochs ran before
+    in this process and whether or not the workers persist."""
     stream: ShardStream = loader.dataset  # type: ignore[assignment]
     stream.set_epoch(epoch)
-    loader.generator.manual_seed(mix_seed("workers", stream.seed, epoch, stream.rank))
