@@ -24,9 +24,16 @@ python3 -m nrd_dist.train configs/fmnist_demo.yaml data.train='/tmp/fmnist/train
 cp /tmp/demo/summary.json "$OUT/demo_summary.json"
 fi
 
-# 2. NRD vs CE step time, data on the GPU
-for spec in "resnet50 224 128 50" "resnet50 224 256 50" "preact_resnet34 32 256 10" "small_cnn 28 128 10"; do
+# 2. NRD vs CE step time, data on the GPU; eager, then compiled (COMPILE=0 skips those).
+# Each line is appended as soon as it is measured: a run cut short keeps what it has.
+SPECS=${SPECS:-"preact_resnet34 32 256 10;small_cnn 28 128 10;resnet50 224 256 50;resnet50 224 128 50"}
+IFS=';' read -ra specs <<< "$SPECS"
+for spec in "${specs[@]}"; do
     set -- $spec
     python3 benchmarks/step_time.py --arch "$1" --image-size "$2" --batch-size "$3" --num-classes "$4" \
         --blocks 5 --steps 20 --warmup 5 | tee -a "$OUT/step_time.jsonl"
+    if [ "${COMPILE:-1}" = 1 ]; then
+        python3 benchmarks/step_time.py --arch "$1" --image-size "$2" --batch-size "$3" --num-classes "$4" \
+            --blocks 5 --steps 20 --warmup 5 --compile | tee -a "$OUT/step_time.jsonl"
+    fi
 done

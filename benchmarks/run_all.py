@@ -30,6 +30,8 @@ STEP_TIMES = [
     ("preact_resnet34 32 px, batch 32", ["--arch", "preact_resnet34", "--image-size", "32", "--batch-size", "32"]),
     ("resnet50 224 px, batch 8", ["--arch", "resnet50", "--image-size", "224", "--batch-size", "8",
                                   "--num-classes", "50"]),
+    ("small_cnn 28 px, batch 128, compiled", ["--arch", "small_cnn", "--image-size", "28", "--batch-size", "128",
+                                              "--compile"]),
 ]
 TARGETS = {"nrd_over_ce": 1.40, "ema_over_ce_step": 0.03, "shards_over_imagefolder": 1.0, "s3_over_local": 0.8}
 
@@ -59,6 +61,27 @@ def scaling(quick: bool) -> dict:
             "speedup": round(rates[2] / rates[1], 3), "efficiency": round(rates[2] / rates[1] / 2, 3)}
 
 
+def persistent_workers(quick: bool) -> dict:
+    """Training samples/s of the demo config with short epochs (where restarting the
+    workers at every epoch shows most), persistent workers against restarted ones;
+    alternating runs, the best of each kept."""
+    epochs, per_epoch, repeats = (2, 1280, 1) if quick else (8, 2560, 2)
+    common = [f"optim.epochs={epochs}", f"data.samples_per_epoch={per_epoch}", "data.val={}",
+              "eval.label_correction_samples=0", "checkpoint.every_steps=0", "checkpoint.resume=never"]
+    rates: dict[bool, list[float]] = {True: [], False: []}
+    for _ in range(repeats):
+        for persistent in (True, False):
+            out = REPO / "runs" / f"bench_persistent_{persistent}"
+            subprocess.run([PY, "-m", "nrd_dist.train", "configs/fmnist_demo.yaml", *common,
+                            f"data.persistent_workers={str(persistent).lower()}", f"run.output_dir={out}"],
+                           cwd=REPO, check=True, capture_output=True)
+            rates[persistent].append(json.loads((out / "summary.json").read_text())["train_samples_per_s"])
+    best = {k: max(v) for k, v in rates.items()}
+    return {"epochs": epochs, "samples_per_epoch": per_epoch, "persistent_samples_per_s": round(best[True], 1),
+            "restarted_samples_per_s": round(best[False], 1),
+            "persistent_over_restarted": round(best[True] / best[False], 3)}
+
+
 def machine() -> str:
     import torch
 
@@ -85,8 +108,8 @@ def main() -> int:
     lines = ["# Benchmarks", "",
              f"Written by `benchmarks/run_all.py` on {datetime.date.today()}: {machine()}.", "",
              "## NRD vs CE step time (data in memory, one process, alternating blocks)", "",
-             "| model | device | source | precision | CE ms | NRD ms | NRD / CE | EMA ms | EMA / CE step |",
-             "|---|---|---|---|---|---|---|---|---|"]
+             "| model | device | source | precision | compiled | CE ms | NRD ms | NRD / CE | EMA ms | EMA / CE step |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
     rows = [{**run_json([PY, "benchmarks/step_time.py", *spec, *blocks]), "source": "this run"}
             for _, spec in STEP_TIMES]
     for path in sorted(RESULTS.glob("gpu_step_time_*.jsonl")):
@@ -94,7 +117,7 @@ def main() -> int:
                  for line in path.read_text().splitlines() if line.strip()]
     for r in rows:
         lines.append(f"| {r['arch']} {r['image_size']} px, batch {r['batch_size']} | {r['device']} | {r['source']} "
-                     f"| {r['precision']} "
+                     f"| {r['precision']} | {'yes' if r.get('compiled') else 'no'} "
                      f"| {r['ce_step_ms']} | {r['nrd_step_ms']} | {r['nrd_over_ce']} "
                      f"({verdict(r['nrd_over_ce'], 'nrd_over_ce', True)}) | {r['ema_update_ms']} | "
                      f"{100 * r['ema_over_ce_step']:.1f}% |")
@@ -111,6 +134,9 @@ def main() -> int:
               "", "## 1 vs 2 processes (gloo, demo config, same global batch)", ""]
     scale = scaling(args.quick)
     lines += [f"```json\n{json.dumps(scale, indent=1)}\n```", "",
+              "## Persistent workers (demo config, short epochs)", ""]
+    persist = persistent_workers(args.quick)
+    lines += [f"```json\n{json.dumps(persist, indent=1)}\n```", "",
               "## Commands", "", "```",
               *[f"python benchmarks/step_time.py {' '.join(spec)}" for _, spec in STEP_TIMES],
               "python benchmarks/loader.py", "python benchmarks/streaming.py",

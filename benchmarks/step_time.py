@@ -52,6 +52,9 @@ class Bench:
         self.student_view = engine.to_device(torch.randn(shape))
         self.teacher_view = engine.to_device(torch.randn(shape))
         self.labels = torch.randint(0, args.num_classes, (args.batch_size,)).to(engine.device)
+        if args.compile:  # as engine.compile does in a training run: in place, after the teacher's copy
+            for module in (model, self.teacher.module, self.ce, self.nrd):
+                module.compile()
 
     def ce_step(self) -> None:
         engine = self.engine
@@ -91,6 +94,8 @@ def main() -> int:
     parser.add_argument("--blocks", type=int, default=5, help="alternating CE / NRD blocks")
     parser.add_argument("--steps", type=int, default=10, help="steps per block")
     parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--compile", action="store_true", help="torch.compile student, teacher and losses "
+                        "(the warm-up steps pay the compilation)")
     args = parser.parse_args()
     if args.channels is None:
         args.channels = 1 if args.image_size == 28 else 3
@@ -108,7 +113,7 @@ def main() -> int:
     report = {
         "arch": args.arch, "image_size": args.image_size, "batch_size": args.batch_size,
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu",
-        "precision": bench.engine.precision, "channels_last": bench.engine.channels_last,
+        "precision": bench.engine.precision, "channels_last": bench.engine.channels_last, "compiled": args.compile,
         "torch": torch.__version__, "threads": torch.get_num_threads(),
         "ce_step_ms": round(1000 * ce_s, 3), "nrd_step_ms": round(1000 * nrd_s, 3),
         "nrd_over_ce": round(nrd_s / ce_s, 3), "ema_update_ms": round(1000 * ema_s, 3),
