@@ -121,7 +121,17 @@ def main() -> int:
                      f"| {r['ce_step_ms']} | {r['nrd_step_ms']} | {r['nrd_over_ce']} "
                      f"({verdict(r['nrd_over_ce'], 'nrd_over_ce', True)}) | {r['ema_update_ms']} | "
                      f"{100 * r['ema_over_ce_step']:.1f}% |")
-    lines += ["", "EMA target (<= 3% of a CE step) applies to ResNet-50.", "",
+    lines += ["", "EMA target (<= 3% of a CE step) applies to ResNet-50.", ""]
+    for path in sorted(RESULTS.glob("gpu_demo_throughput_*.jsonl")):
+        lines += [f"Demo-config training samples/s on a GPU by loader workers (`{path.relative_to(REPO)}`; "
+                  "the loader's rate: the GPU step alone is far faster):", "",
+                  "| workers | persistent | samples/s |", "|---|---|---|"]
+        for line in path.read_text().splitlines():
+            if line.strip():
+                r = json.loads(line)
+                lines.append(f"| {r['workers']} | {'yes' if r['persistent'] else 'no'} | {r['train_samples_per_s']} |")
+        lines.append("")
+    lines += [
               "## Loader (samples/s per worker, student + AugMix teacher views)", ""]
     loader = run_json([PY, "benchmarks/loader.py", *(["--repeats", "1", "--samples", "1024"] if args.quick else [])])
     lines += [f"```json\n{json.dumps(loader, indent=1)}\n```", "",
