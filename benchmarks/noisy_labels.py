@@ -25,6 +25,13 @@ Protocol, fixed before any result was seen:
 * Reported: the student's clean test top-1 at the *last* epoch (no peeking at the best
   epoch), mean +- standard deviation over seeds (3 at 40% and 60% symmetric, 1
   elsewhere), the last-epoch ECE, and NRD's teacher; curves of test top-1 per epoch.
+* Code: the cells from sym40-sce-g1-s0 on ran the training code of commit 1b5b124 (from
+  a git worktree frozen there, so that the loader work going on at the same time could
+  not change a running sweep); the first five ran at the commits that recorded them,
+  whose training path differs from 1b5b124's only by changes that keep results bitwise
+  (the EMA pairing cache, the storage retry loop). From commit a71d68c the loader reseeds its augmentations per epoch (for
+  persistent workers): a cell rerun at a later commit is a statistically equivalent run,
+  not a bitwise repeat; `git worktree add DIR 1b5b124` repeats it exactly.
 * Resumable: each finished cell writes ``docs/results/cells/CELL.json`` at once and is
   never rerun; an interrupted cell resumes from its own checkpoint
   (``runs/sweep/CELL/``).
