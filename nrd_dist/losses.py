@@ -53,26 +53,20 @@ SCALE_GUARD = 1e-12
 # --------------------------------------------------------------------------- helpers
 
 
-def _autocast_device_types() -> frozenset:
-    available = set()
-    for device_type in ("cpu", "cuda", "xpu", "mps", "hpu", "mtia", "xla"):
-        try:
-            if torch.amp.is_autocast_available(device_type):
-                available.add(device_type)
-        except RuntimeError:
-            pass
-    return frozenset(available)
-
-
-# Looked up once here: torch.compile (torch 2.11) cannot trace is_autocast_available and
-# broke every compiled loss into pieces at that call (measured on an H100).
-AUTOCAST_DEVICE_TYPES = _autocast_device_types()
+# Looked up once here for the usual device types: torch.compile (torch 2.11) cannot trace
+# is_autocast_available and broke every compiled loss into pieces at that call
+# (measured on an H100). Other device types are asked each time.
+AUTOCAST_AVAILABLE = {device_type: torch.amp.is_autocast_available(device_type)
+                      for device_type in ("cpu", "cuda", "xpu", "mps", "hpu")}
 
 
 @contextlib.contextmanager
 def _autocast_off(device: torch.device) -> Iterator[None]:
     """Disable autocast for ``device`` (a no-op where autocast does not exist)."""
-    if device.type in AUTOCAST_DEVICE_TYPES:
+    available = AUTOCAST_AVAILABLE.get(device.type)
+    if available is None:
+        available = torch.amp.is_autocast_available(device.type)
+    if available:
         with torch.autocast(device_type=device.type, enabled=False):
             yield
     else:

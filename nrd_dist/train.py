@@ -248,16 +248,18 @@ class Trainer:
         start = time.time()
         train_time, train_samples = 0.0, 0
         first_epoch, skip = (position["epoch"], position["batches_in_epoch"]) if position else (0, 0)
-        for epoch in range(first_epoch, cfg.optim.epochs):
-            epoch_start = time.time()
-            seen = self.train_epoch(epoch, skip)
-            skip = 0
-            train_time += time.time() - epoch_start
-            train_samples += seen * self.engine.world_size
-            if (epoch + 1) % cfg.eval.every_epochs == 0 or epoch + 1 == cfg.optim.epochs:
-                self.run_evaluation(epoch)
-            self.checkpointer.save(epoch + 1, 0)
-        self.train_loader = None  # stops persistent workers: their memory is free for the final analysis
+        try:
+            for epoch in range(first_epoch, cfg.optim.epochs):
+                epoch_start = time.time()
+                seen = self.train_epoch(epoch, skip)
+                skip = 0
+                train_time += time.time() - epoch_start
+                train_samples += seen * self.engine.world_size
+                if (epoch + 1) % cfg.eval.every_epochs == 0 or epoch + 1 == cfg.optim.epochs:
+                    self.run_evaluation(epoch)
+                self.checkpointer.save(epoch + 1, 0)
+        finally:
+            self.train_loader = None  # stops persistent workers (also on an error); frees their memory
         if not hasattr(self, "last_meters"):  # resumed after the last epoch's checkpoint
             self.run_evaluation(cfg.optim.epochs - 1)
         summary = self.finish(time.time() - start, train_samples / max(train_time, 1e-9))

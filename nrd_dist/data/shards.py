@@ -211,16 +211,17 @@ class ShardStream(IterableDataset):
         """Call before iterating each epoch; reaches running workers as well."""
         self._epoch.value = epoch
 
-    def shards_for(self, worker: int, num_workers: int) -> list[str]:
-        """The shards of one (rank, worker) slot this epoch."""
+    def shards_for(self, worker: int, num_workers: int, epoch: Optional[int] = None) -> list[str]:
+        """The shards of one (rank, worker) slot in ``epoch`` (default: the current one)."""
+        epoch = self.epoch if epoch is None else epoch
         shards = list(self.urls)
         if self.train:
-            random.Random(mix_seed("shards", self.seed, self.epoch)).shuffle(shards)
+            random.Random(mix_seed("shards", self.seed, epoch)).shuffle(shards)
         slot = self.rank * num_workers + worker
         return shards[slot::self.world_size * num_workers]
 
-    def shard_sequence(self, worker: int, num_workers: int) -> Iterator[str]:
-        """The shards one (rank, worker) slot reads this epoch.
+    def shard_sequence(self, worker: int, num_workers: int, epoch: int) -> Iterator[str]:
+        """The shards one (rank, worker) slot reads in ``epoch``.
 
         Evaluation: the dealt shards, once (so every sample is counted exactly once over
         all ranks). Training never runs dry: after its dealt shards (none in
@@ -229,10 +230,10 @@ class ShardStream(IterableDataset):
         divide by ranks x workers; uneven counts would otherwise hang a collective.
         """
         if not self.train or self.sampling == "epoch":
-            yield from self.shards_for(worker, num_workers)
+            yield from self.shards_for(worker, num_workers, epoch)
         if not self.train:
             return
-        rng = random.Random(mix_seed("top-up", self.seed, self.epoch, self.rank, worker))
+        rng = random.Random(mix_seed("top-up", self.seed, epoch, self.rank, worker))
         while True:
             yield self.urls[rng.randrange(len(self.urls))]
 
@@ -240,17 +241,20 @@ class ShardStream(IterableDataset):
         storage.configure(*self.storage)  # this may be a fresh DataLoader worker process
         info = torch.utils.data.get_worker_info()
         worker, num_workers = (info.id, info.num_workers) if info else (0, 1)
+        # Read once: the shared epoch may move on (set_epoch) while a persistent worker
+        # still finishes batches of this one, which the DataLoader then discards.
+        epoch = self.epoch
         if info is not None:
             # The augmentations draw from the worker's global RNGs: seed them from
             # (seed, epoch, rank, worker) at each epoch's start, so a persistent worker
             # and a fresh one (a resumed run) augment alike.
-            augment_seed = mix_seed("augment", self.seed, self.epoch, self.rank, worker)
+            augment_seed = mix_seed("augment", self.seed, epoch, self.rank, worker)
             torch.manual_seed(augment_seed)
             random.seed(augment_seed)
             np.random.seed(augment_seed % 2**32)
-        rng = random.Random(mix_seed("samples", self.seed, self.epoch, self.rank, worker))
+        rng = random.Random(mix_seed("samples", self.seed, epoch, self.rank, worker))
         bad: list[str] = []  # reports not yet handed on
-        samples = self._good_samples(self._raw_samples(self.shard_sequence(worker, num_workers), bad), bad)
+        samples = self._good_samples(self._raw_samples(self.shard_sequence(worker, num_workers, epoch), bad), bad)
         if self.shuffle_buffer > 1:
             samples = _shuffled(samples, self.shuffle_buffer, rng)
         for sample in samples:
