@@ -126,18 +126,31 @@ def test_compiled_nrd_step_matches_the_eager_step(fmnist_small, tmp_path):
         cfg = load_config(DEMO, overrides)
         cfg.data.val = {}
         trainer = Trainer(cfg, plan_data(cfg), Engine(cfg))
+        start = {k: v.detach().clone() for k, v in trainer.engine.module.state_dict().items()}
         batches = iter(trainer.train_loader)
         losses = [float(trainer.train_step(next(batches))) for _ in range(2)]
         trainer.log.close()
-        return losses, trainer.engine.module.state_dict(), trainer.teacher.state_dict()["model"]
+        return losses, start, trainer.engine.module.state_dict(), trainer.teacher.state_dict()["model"]
 
-    eager_losses, eager_student, eager_teacher = two_steps(False)
-    losses, student, teacher = two_steps(True)
+    eager_losses, eager_start, eager_student, eager_teacher = two_steps(False)
+    losses, start, student, teacher = two_steps(True)
     assert list(student) == list(eager_student) and list(teacher) == list(eager_teacher)
     assert losses == pytest.approx(eager_losses, rel=1e-4)
-    for name in eager_student:
-        assert torch.allclose(student[name].float(), eager_student[name].float(), atol=1e-5), name
-        assert torch.allclose(teacher[name].float(), eager_teacher[name].float(), atol=1e-5), name
+    # Updates are compared relative to their size, not element by element: fused kernels
+    # round differently, and an activation within ~1e-6 of ReLU's kink (1 in ~200,000 here)
+    # then lands on the other side, which moves a layer's gradient by ~0.5% (measured:
+    # compiled vs eager updates differ by at most 0.8% per tensor, the losses by 1e-6). A
+    # wrong step (a missing term, a lost update) differs by tens of percent.
+    for name, before in eager_start.items():
+        if not before.is_floating_point():
+            continue
+        eager_update = eager_student[name].float() - before.float()
+        update = student[name].float() - start[name].float()
+        assert torch.allclose(start[name], before), name  # both runs start from the same weights
+        assert (update - eager_update).norm() <= 0.05 * eager_update.norm() + 1e-7, name
+        eager_update = eager_teacher[name].float() - before.float()
+        update = teacher[name].float() - start[name].float()
+        assert (update - eager_update).norm() <= 0.05 * eager_update.norm() + 1e-7, name
 
 
 @pytest.mark.parametrize("override, message", [
