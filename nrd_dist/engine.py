@@ -99,6 +99,14 @@ class Engine:
             model = model.to(memory_format=torch.channels_last)
         return model
 
+    def compile(self, *modules: Optional[nn.Module]) -> None:
+        """torch.compile in place (nn.Module.compile), after the teacher's copy of the
+        student: state-dict keys, parameters and the EMA pairing stay those of the plain
+        modules, so checkpoints do not depend on ``engine.compile``. ``None`` is skipped."""
+        for module in modules:
+            if module is not None:
+                module.compile(mode=self.cfg.engine.compile_mode)
+
     def to_device(self, images: torch.Tensor) -> torch.Tensor:
         images = images.to(self.device, non_blocking=True)
         if self.channels_last and images.dim() == 4:

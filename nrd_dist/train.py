@@ -134,11 +134,7 @@ class Trainer:
         engine.setup(model, optimizer)
         self.teacher = engine.make_teacher(template) if template is not None else None
         if cfg.engine.compile:
-            # In place (nn.Module.compile): state-dict keys, parameters and the EMA pairing
-            # stay those of the plain modules. After the teacher's deepcopy of the student.
-            for module in (model, self.teacher.module if self.teacher is not None else None, self.loss_fn):
-                if module is not None:
-                    module.compile(mode=cfg.engine.compile_mode)
+            engine.compile(model, self.teacher.module if self.teacher is not None else None, self.loss_fn)
 
         self.steps_per_epoch = max(plan.train_samples // (cfg.data.batch_size * engine.world_size), 1)
         # The schedule counts optimizer steps: one per grad_accum_steps batches.
