@@ -272,6 +272,7 @@ class EngineConfig:
     timeout_s: int = 1800  # collective timeout: a dead rank fails the job after this long
     compile: bool = False  # torch.compile the student, the teacher and the loss
     compile_mode: str = "default"  # torch.compile mode
+    ddp_bucket_cap_mb: int = 25  # DDP gradient bucket size (torch's default)
 
     def validate(self, path: str) -> None:
         if self.zero_stage not in (0, 1, 2, 3):
@@ -283,6 +284,7 @@ class EngineConfig:
         if self.grad_accum_steps > 1 and self.backend != "deepspeed":
             raise ConfigError(f"{path}.grad_accum_steps: gradient accumulation needs engine.backend=deepspeed")
         _positive(f"{path}.timeout_s", self.timeout_s)
+        _positive(f"{path}.ddp_bucket_cap_mb", self.ddp_bucket_cap_mb)
         if self.compile_mode not in COMPILE_MODES:
             raise ConfigError(f"{path}.compile_mode: must be one of {', '.join(COMPILE_MODES)}, "
                               f"got {self.compile_mode!r}")

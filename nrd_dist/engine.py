@@ -183,7 +183,8 @@ class DDPEngine(Engine):
         self.optimizer = optimizer
         device_ids = [self.local_rank] if self.device.type == "cuda" else None
         # gradient_as_bucket_view saves one gradient-sized copy per step.
-        self.model = DistributedDataParallel(model, device_ids=device_ids, gradient_as_bucket_view=True)
+        self.model = DistributedDataParallel(model, device_ids=device_ids, gradient_as_bucket_view=True,
+                                             bucket_cap_mb=self.cfg.engine.ddp_bucket_cap_mb)
 
     def all_reduce_sum(self, tensor: torch.Tensor) -> torch.Tensor:
         device = self.device if dist.get_backend() == "nccl" else torch.device("cpu")

@@ -244,3 +244,31 @@ def test_engine_settings_this_machine_cannot_run_fail_early(fmnist_small, tmp_pa
                       f"run.output_dir={out}", "engine.precision=fp16"], timeout=120)
     assert proc.returncode == 2 and "engine.precision: fp16 needs a GPU" in proc.stderr
     assert not out.exists()
+
+
+def test_ddp_engine_settings(monkeypatch):
+    """The DDP wrapper gets the configured bucket size and bucket-view gradients, and the
+    model is channels_last on CPU (a real gloo process group of one, in this process)."""
+    import torch.distributed as dist
+
+    from conftest import free_port
+    from nrd_dist.engine import DDPEngine
+    from nrd_dist.models import build_model
+
+    monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")
+    monkeypatch.setenv("MASTER_PORT", str(free_port()))
+    for name, value in (("RANK", "0"), ("LOCAL_RANK", "0"), ("WORLD_SIZE", "1")):
+        monkeypatch.setenv(name, value)
+    cfg = load_config(DEMO, ["engine.ddp_bucket_cap_mb=7"])
+    engine = DDPEngine(cfg)
+    try:
+        model = engine.prepare_module(build_model("small_cnn", 10, 1))
+        engine.setup(model, torch.optim.SGD(model.parameters(), lr=0.1))
+        assert engine.model.bucket_bytes_cap == 7 * 1024 * 1024
+        assert engine.model.gradient_as_bucket_view
+        conv = model[0][3].weight  # 32 -> 32 channels: the two layouts differ
+        assert conv.is_contiguous(memory_format=torch.channels_last) and not conv.is_contiguous()
+        engine.model(engine.to_device(torch.rand(4, 1, 28, 28))).sum().backward()
+        assert all(p.grad is not None for p in model.parameters())
+    finally:
+        dist.destroy_process_group()
