@@ -12,6 +12,9 @@ from conftest import REPO, free_port, read_tail
 
 ENGINES = {
     "ddp": ["engine.backend=ddp"],
+    # DDP with engine.compile (real inductor in both ranks): what a GPU cluster run would
+    # use; compared with the same eager 1-process curve as the others
+    "ddp_compiled": ["engine.backend=ddp", "engine.compile=true"],
     "zero1": ["engine.backend=deepspeed", "engine.zero_stage=1"],
     "zero2": ["engine.backend=deepspeed", "engine.zero_stage=2"],
     "zero3": ["engine.backend=deepspeed", "engine.zero_stage=3"],
@@ -43,6 +46,8 @@ def test_two_ranks_match_one_and_keep_the_teacher_in_sync(engine, single_process
     assert [r["world_size"] for r in ranks] == [2, 2]
     for arch in ("mlp", "small_cnn"):
         r0, r1 = ranks[0][arch], ranks[1][arch]
+        # student, teacher and loss compiled (nn.Module.compile) exactly when asked
+        assert r0["compiled"] == r1["compiled"] == [engine == "ddp_compiled"] * 3
         # the teacher: an EMA of the gathered student weights of every step, to 1e-6 ...
         assert r0["teacher_max_diff"] < 1e-6 and r1["teacher_max_diff"] < 1e-6
         # ... and bitwise identical on both ranks

@@ -59,6 +59,8 @@ def run(arch: str, overrides: list[str]):
     engine.setup(model, optimizer)
     teacher = engine.make_teacher(template)
     loss_fn = build_loss("nrd", pi=[0.3, 0.5, 0.2], scale=True)
+    if cfg.engine.compile:  # as the trainer does: in place, after the teacher's copy
+        engine.compile(model, teacher.module, loss_fn)
     reference = {k: v.double() for k, v in gathered_student(engine).items()}
     losses = []
     for step in range(STEPS):
@@ -91,8 +93,9 @@ def run(arch: str, overrides: list[str]):
             detected = False
         except TeacherDivergedError as err:
             detected = str(err)
+    compiled = [getattr(m, "_compiled_call_impl", None) is not None for m in (model, teacher.module, loss_fn)]
     return {"losses": losses, "teacher_max_diff": max_diff, "checksum": checksum,
-            "divergence_detected": detected}
+            "divergence_detected": detected, "compiled": compiled}
 
 
 RUN_ENGINE = None
