@@ -1,7 +1,7 @@
 """The noisy-label benchmark sweep on Fashion-MNIST (real data, available here).
 
     .venv/bin/python benchmarks/noisy_labels.py run [--only CELL_PREFIX] [--commit]
-    .venv/bin/python benchmarks/noisy_labels.py diagnose     # Table 1 / AUROC of CE and NRD runs
+    .venv/bin/python benchmarks/noisy_labels.py diagnose     # Table 1, AUROC, precision@k of CE and NRD runs
     .venv/bin/python benchmarks/noisy_labels.py table
     .venv/bin/python benchmarks/noisy_labels.py list
 
@@ -231,26 +231,42 @@ DIAGNOSE_METHODS = ("ce", "nrd")  # CE's student against NRD's teacher
 
 
 def cmd_diagnose(args) -> int:
-    """tools/diagnose.py on each finished CE and NRD cell of seed 0: Table 1 and the
-    AUROC of detecting mislabeled training samples, per noise setting."""
+    """tools/diagnose.py and tools/find_mislabeled.py on each finished CE and NRD cell of
+    seed 0: Table 1, the AUROC of detecting mislabeled training samples, and precision@k
+    of the ranking a user would clean their data with, per noise setting."""
     for cell in plan():
         setting, method, _, seed = cell
         name = cell_name(*cell)
         target = DIAGNOSED / f"{name}.json"
-        if method not in DIAGNOSE_METHODS or seed != 0 or load_result(name) is None or target.exists():
+        if method not in DIAGNOSE_METHODS or seed != 0 or load_result(name) is None:
             continue
         out = RUNS / name / "diagnose"
-        cmd = [sys.executable, "tools/diagnose.py", str(RUNS / name), "--views", "10", "--out", str(out)]
-        print(f"[sweep] diagnose {name}", flush=True)
-        subprocess.run(cmd, cwd=REPO, check=True, stdout=subprocess.DEVNULL)
-        report = json.loads((out / "diagnose.json").read_text())
-        DIAGNOSED.mkdir(parents=True, exist_ok=True)
-        write_atomic(target, json.dumps({"cell": name, "command": " ".join(cmd[1:]).replace(str(REPO) + "/", ""),
-                                         **report}, indent=1) + "\n")
-        for png in out.glob("log_likelihood_*.png"):
-            if setting in ("sym40", "sym60"):
-                (DIAGNOSED / f"{name}-{png.name}").write_bytes(png.read_bytes())
+        if not target.exists():
+            cmd = [sys.executable, "tools/diagnose.py", str(RUNS / name), "--views", "10", "--out", str(out)]
+            print(f"[sweep] diagnose {name}", flush=True)
+            subprocess.run(cmd, cwd=REPO, check=True, stdout=subprocess.DEVNULL)
+            report = json.loads((out / "diagnose.json").read_text())
+            DIAGNOSED.mkdir(parents=True, exist_ok=True)
+            write_atomic(target, json.dumps({"cell": name, "command": relative_command(cmd), **report}, indent=1) + "\n")
+            for png in out.glob("log_likelihood_*.png"):
+                if setting in ("sym40", "sym60"):
+                    (DIAGNOSED / f"{name}-{png.name}").write_bytes(png.read_bytes())
+        report = json.loads(target.read_text())
+        if "find_mislabeled" not in report:
+            csv = out / "mislabeled.csv"
+            cmd = [sys.executable, "tools/find_mislabeled.py", str(RUNS / name), "--views", "10", "--out", str(csv)]
+            print(f"[sweep] find_mislabeled {name}", flush=True)
+            subprocess.run(cmd, cwd=REPO, check=True, stdout=subprocess.DEVNULL)
+            summary = json.loads(csv.with_name(csv.stem + ".summary.json").read_text())
+            report["find_mislabeled"] = {"command": relative_command(cmd),
+                                         **{k: summary[k] for k in ("model", "score", "mislabeled", "at_k", "auroc")}}
+            write_atomic(target, json.dumps(report, indent=1) + "\n")
     return 0
+
+
+def relative_command(cmd: list[str]) -> str:
+    """The command as run from the repository root, without the interpreter."""
+    return " ".join(cmd[1:]).replace(str(REPO) + "/", "")
 
 
 def cmd_list(args) -> int:
@@ -291,7 +307,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     run.add_argument("--commit", action="store_true", help="git-commit each result file as it is written")
     sub.add_parser("list", help="cells and their state")
     sub.add_parser("table", help="write docs/results/README.md and the plots from the finished cells")
-    sub.add_parser("diagnose", help="tools/diagnose.py on the finished CE and NRD cells (seed 0)")
+    sub.add_parser("diagnose", help="tools/diagnose.py and tools/find_mislabeled.py on the finished CE and NRD cells (seed 0)")
     args = parser.parse_args(argv)
     return {"run": cmd_run, "list": cmd_list, "table": cmd_table, "diagnose": cmd_diagnose}[args.what](args)
 

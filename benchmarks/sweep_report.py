@@ -54,6 +54,21 @@ def diagnosis_lines(diagnosed: list[dict]) -> list[str]:
                      for m in ("plain", "augmix_ensemble")]
             cells += [number(auroc[m], 3) for m in ("plain", "augmix_ensemble")]
             lines.append(f"| {report['cell']} | {model} | " + " | ".join(cells) + " |")
+    ranked = [r for r in diagnosed if "find_mislabeled" in r]
+    if ranked:
+        lines += ["", "### Cleaning the data: tools/find_mislabeled.py (K = 10 views)", "",
+                  "Training samples ranked by the model's disagreement with their given label (1 - p(given label)",
+                  "of the prediction averaged over the K views); precision of taking the top k as mislabeled (k =",
+                  "1/5/10% of the 2,000 samples, and k = the number actually mislabeled, where precision equals",
+                  "recall). Where most labels are wrong (80%) a high precision@k is easy: compare the AUROC.", "",
+                  "| run | model | mislabeled | precision@1% | precision@5% | precision@10% | precision@#mislabeled "
+                  "| AUROC |", "|---|---|---|---|---|---|---|---|"]
+        for report in ranked:
+            found = report["find_mislabeled"]
+            at_k = {entry["k"]: entry["precision"] for entry in found["at_k"]}
+            cells = [number(at_k.get(k), 3) for k in ("1%", "5%", "10%", "number mislabeled")]
+            lines.append(f"| {report['cell']} | {found['model']} | {found['mislabeled']} | " + " | ".join(cells)
+                         + f" | {number(found['auroc'], 3)} |")
     return lines + [""]
 
 
