@@ -121,7 +121,9 @@ def main() -> int:
                      f"| {r['ce_step_ms']} | {r['nrd_step_ms']} | {r['nrd_over_ce']} "
                      f"({verdict(r['nrd_over_ce'], 'nrd_over_ce', True)}) | {r['ema_update_ms']} | "
                      f"{100 * r['ema_over_ce_step']:.1f}% |")
-    lines += ["", "EMA target (<= 3% of a CE step) applies to ResNet-50.", ""]
+    formats = sorted({"channels_last" if r.get("channels_last") else "contiguous" for r in rows})
+    lines += ["", "EMA target (<= 3% of a CE step) applies to ResNet-50. Memory format: "
+              f"{' and '.join(formats)} (what a training run chooses).", ""]
     for path in sorted(RESULTS.glob("gpu_demo_throughput_*.jsonl")):
         lines += [f"Demo-config training samples/s on a GPU by loader workers (`{path.relative_to(REPO)}`; "
                   "the loader's rate: the GPU step alone is far faster):", "",
