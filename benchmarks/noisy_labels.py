@@ -240,6 +240,10 @@ def cmd_diagnose(args) -> int:
         target = DIAGNOSED / f"{name}.json"
         if method not in DIAGNOSE_METHODS or seed != 0 or load_result(name) is None:
             continue
+        if not (RUNS / name / "checkpoints").is_dir():
+            # The cell's result is committed but its run folder is not here (a fresh clone).
+            print(f"[sweep] diagnose {name}: skipped, {RUNS / name} has no checkpoints here", flush=True)
+            continue
         out = RUNS / name / "diagnose"
         if not target.exists():
             cmd = [sys.executable, "tools/diagnose.py", str(RUNS / name), "--views", "10", "--out", str(out)]
@@ -259,7 +263,7 @@ def cmd_diagnose(args) -> int:
             subprocess.run(cmd, cwd=REPO, check=True, stdout=subprocess.DEVNULL)
             summary = json.loads(csv.with_name(csv.stem + ".summary.json").read_text())
             report["find_mislabeled"] = {"command": relative_command(cmd),
-                                         **{k: summary[k] for k in ("model", "score", "mislabeled", "at_k", "auroc")}}
+                                         **{k: summary.get(k) for k in ("model", "score", "mislabeled", "at_k", "auroc")}}
             write_atomic(target, json.dumps(report, indent=1) + "\n")
     return 0
 

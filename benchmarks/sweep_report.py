@@ -3,7 +3,8 @@
 Tables: clean test top-1 at the last epoch (mean +- sd over seeds) and ECE per method and
 setting; the selection grid with its noisy-validation scores. Plots: test top-1 against
 epoch per method for each setting (the memorization picture), reliability diagrams at
-40% and 60% symmetric noise.
+40% and 60% symmetric noise. Diagnostics of the CE and NRD cells: Table 1, AUROC and
+precision@k of the mislabeled-sample ranking.
 """
 
 from __future__ import annotations
@@ -36,7 +37,8 @@ def table(rows: dict[str, dict[str, list[float]]], settings: list[str], header: 
 
 
 def diagnosis_lines(diagnosed: list[dict]) -> list[str]:
-    """Table 1 and the mislabeled-detection AUROC per noise setting (tools/diagnose.py)."""
+    """Table 1 and the mislabeled-detection AUROC per noise setting (tools/diagnose.py), and
+    precision@k of the ranking tools/find_mislabeled.py writes."""
     if not diagnosed:
         return []
     lines = ["## Mislabeled training samples (tools/diagnose.py, seed 0, K = 10 AugMix views)", "",
@@ -59,15 +61,16 @@ def diagnosis_lines(diagnosed: list[dict]) -> list[str]:
         lines += ["", "### Cleaning the data: tools/find_mislabeled.py (K = 10 views)", "",
                   "Training samples ranked by the model's disagreement with their given label (1 - p(given label)",
                   "of the prediction averaged over the K views); precision of taking the top k as mislabeled (k =",
-                  "1/5/10% of the 2,000 samples, and k = the number actually mislabeled, where precision equals",
+                  f"1/5/10% of the {ranked[0]['samples']:,} samples, and k = the number actually mislabeled, where precision equals",
                   "recall). Where most labels are wrong (80%) a high precision@k is easy: compare the AUROC.", "",
                   "| run | model | mislabeled | precision@1% | precision@5% | precision@10% | precision@#mislabeled "
                   "| AUROC |", "|---|---|---|---|---|---|---|---|"]
         for report in ranked:
             found = report["find_mislabeled"]
-            at_k = {entry["k"]: entry["precision"] for entry in found["at_k"]}
+            at_k = {entry["k"]: entry["precision"] for entry in found.get("at_k") or []}
             cells = [number(at_k.get(k), 3) for k in ("1%", "5%", "10%", "number mislabeled")]
-            lines.append(f"| {report['cell']} | {found['model']} | {found['mislabeled']} | " + " | ".join(cells)
+            mislabeled = "–" if found.get("mislabeled") is None else found["mislabeled"]
+            lines.append(f"| {report['cell']} | {found['model']} | {mislabeled} | " + " | ".join(cells)
                          + f" | {number(found['auroc'], 3)} |")
     return lines + [""]
 

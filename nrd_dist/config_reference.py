@@ -76,7 +76,7 @@ HELP = {
     "engine.timeout_s": "collective timeout in seconds: a dead or stuck rank fails the job instead of hanging it",
     "engine.compile": "torch.compile the student, the teacher and the loss (inductor; the first steps pay the compilation; backend ddp or one process)",
     "engine.compile_mode": "torch.compile mode: default, reduce-overhead (CUDA graphs), max-autotune, max-autotune-no-cudagraphs",
-    "engine.ddp_bucket_cap_mb": "DDP gradient bucket size in MiB (torch's default 25): larger buckets mean fewer all-reduce calls, smaller ones start overlapping with the backward pass earlier",
+    "engine.ddp_bucket_cap_mb": "DDP gradient bucket size in MiB (torch's default 25): larger buckets mean fewer all-reduce calls, smaller ones start overlapping with the backward pass earlier (backend ddp with more than one process)",
     "train.nonfinite": "a non-finite loss: stop (naming the step and the batch's sample keys) or skip the step",
     "train.nonfinite_budget": "skip: steps that may be skipped (counted and logged) before the run stops",
     "eval.every_epochs": "evaluate on data.val every this many epochs (and after the last)",

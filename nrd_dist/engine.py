@@ -60,9 +60,11 @@ class Engine:
         self.autocast_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(self.precision)
         # Only fp16 needs loss scaling; bf16 has fp32's exponent range.
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.precision == "fp16")
-        # channels_last is faster on a GPU and, measured here, on CPU as well (small CNN
-        # step 1.4x, PreActResNet-34 1.1x, ResNet-50 1.2x; BENCHMARKS.md). Not under
-        # DeepSpeed on CPU, whose ZeRO partitioning is only tested with contiguous weights.
+        # channels_last is faster on a GPU and, measured here, on CPU as well (small CNN,
+        # PreActResNet-34, ResNet-50; BENCHMARKS.md). Not under DeepSpeed on CPU, whose ZeRO
+        # partitioning is only tested here with contiguous weights. On a GPU the inputs are
+        # channels_last under DeepSpeed too; ZeRO-1/2 then re-point the weights at its flat
+        # (contiguous) buffers, so the layout there is not fully channels_last.
         self.channels_last = self.device.type == "cuda" or cfg.engine.backend != "deepspeed"
         self.model: Optional[nn.Module] = None
         self.module: Optional[nn.Module] = None

@@ -130,6 +130,9 @@ def test_compiled_nrd_step_matches_the_eager_step(fmnist_small, tmp_path):
         batches = iter(trainer.train_loader)
         losses = [float(trainer.train_step(next(batches))) for _ in range(2)]
         trainer.log.close()
+        # compiled exactly when asked: otherwise this would compare eager with eager
+        modules = (trainer.engine.module, trainer.teacher.module, trainer.loss_fn)
+        assert [getattr(m, "_compiled_call_impl", None) is not None for m in modules] == [compiled] * 3
         return losses, start, trainer.engine.module.state_dict(), trainer.teacher.state_dict()["model"]
 
     eager_losses, eager_start, eager_student, eager_teacher = two_steps(False)
