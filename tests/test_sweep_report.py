@@ -38,3 +38,29 @@ def test_a_ranking_without_clean_labels_shows_dashes():
 
 def test_no_diagnosed_cells_no_section():
     assert diagnosis_lines([]) == []
+
+
+def test_targets_are_judged_on_means_and_say_when_not_met():
+    from sweep_report import target_lines
+    top1 = {"CE": {"sym60": [64.0, 66.0]}, "GJS": {"sym60": [76.0], "sym80": [49.5]},
+            "NRD": {"sym60": [73.0, 70.0], "sym80": [18.8]}, "NRD (teacher)": {"sym60": [72.9, 70.1]}}
+    ece = {"CE": {"sym40": [7.1], "sym60": [16.1], "asym40": [11.81]}, "NRD": {"sym40": [16.5], "sym60": [12.0]}}
+    lines = target_lines(top1, ece)
+    # 71.5 - 65.0 = 6.5 >= 5: met; 71.5 < 76: not met; teacher mean shown beside
+    assert "| top-1: NRD >= CE + 5 points | sym60 | 71.50 | CE 65.00 | 71.50 | met |" in lines
+    assert "| top-1: NRD > GJS | sym60 | 71.50 | GJS 76.00 | 71.50 | **not met** |" in lines
+    assert "| top-1: NRD > GJS | sym80 | 18.80 | GJS 49.50 | – | **not met** |" in lines
+    # ECE: lower is better
+    assert "| ECE: NRD < CE | sym40 | 16.50 | CE 7.10 | – | **not met** |" in lines
+    assert "| ECE: NRD < CE | sym60 | 12.00 | CE 16.10 | – | met |" in lines
+    assert "| ECE: NRD < CE | asym40 | – | CE 11.81 | – | not yet run |" in lines
+
+
+def test_memorization_drop_is_best_minus_last_per_seed():
+    from sweep_report import memorization_lines
+    cells = [{"method": "ce", "setting": "sym60", "test_top1_best": 70.5, "test_top1_last": 64.0},
+             {"method": "ce", "setting": "sym60", "test_top1_best": 71.0, "test_top1_last": 66.5},
+             {"method": "nrd", "setting": "sym60", "test_top1_best": 73.5, "test_top1_last": 73.0}]
+    lines = memorization_lines(cells, ["sym60", "sym80"], {"ce": "CE", "nrd": "NRD"})
+    assert "| CE | 5.50 ± 1.41 (n=2) | – |" in lines
+    assert "| NRD | 0.50 | – |" in lines
