@@ -172,6 +172,10 @@ def test_export_errors(tmp_path):
     proc = subprocess.run([sys.executable, "tools/export_model.py", tmp_path, "--out", tmp_path / "x.pt"],
                           cwd=REPO, capture_output=True, text=True, timeout=60)
     assert proc.returncode == 2 and "error:" in proc.stderr
+    (tmp_path / "checkpoints" / "step_000010").mkdir(parents=True)  # a save cut short: no COMPLETE marker
+    proc = subprocess.run([sys.executable, "tools/export_model.py", tmp_path, "--out", tmp_path / "x.pt",
+                           "--checkpoint", "step_000010"], cwd=REPO, capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 2 and "step_000010: incomplete checkpoint" in proc.stderr
 
 
 

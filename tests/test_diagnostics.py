@@ -260,3 +260,29 @@ def test_clear_errors_without_a_run_or_a_checkpoint(nrd_run, tmp_path, capsys):
         assert tool.main([str(empty)]) == 2
         err = capsys.readouterr().err
         assert err.startswith("error: ") and "no checkpoint" in err and "Traceback" not in err
+
+
+def test_an_earlier_checkpoint_by_name_or_path(nrd_run, tmp_path, capsys):
+    """--checkpoint picks one of the run's checkpoints (the 2-epoch run keeps one per epoch);
+    the models differ between them, and an unknown name lists the complete ones."""
+    from nrd_dist.diagnostics import find_mislabeled
+
+    first, last = sorted(p for p in (nrd_run / "checkpoints").glob("step_*"))
+    summaries = {}
+    for label, choice in (("first", first.name), ("first by path", first), ("latest", None)):
+        out = tmp_path / label.replace(" ", "_") / "m.csv"
+        argv = [str(nrd_run), "--max-samples", "40", "--views", "2", "--workers", "0", "--out", str(out)]
+        assert find_mislabeled.main(argv + ([] if choice is None else ["--checkpoint", str(choice)])) == 0
+        with open(out) as f:
+            scores = {row["key"]: float(row["score"]) for row in csv.DictReader(f)}
+        summaries[label] = (json.loads(out.with_name("m.summary.json").read_text())["checkpoint"], scores)
+    capsys.readouterr()
+    assert summaries["first"][0] == summaries["first by path"][0] == first.name
+    assert summaries["latest"][0] == last.name
+    assert summaries["first"][1] == summaries["first by path"][1]
+    assert summaries["first"][1].keys() == summaries["latest"][1].keys()
+    assert summaries["first"][1] != summaries["latest"][1]
+
+    assert find_mislabeled.main([str(nrd_run), "--checkpoint", "step_999999"]) == 2
+    err = capsys.readouterr().err
+    assert "--checkpoint step_999999: no such checkpoint" in err and f"complete ones: {first.name}, {last.name}" in err

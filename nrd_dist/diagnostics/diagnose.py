@@ -1,8 +1,9 @@
 """``python tools/diagnose.py RUN_DIR [--which teacher|student|both] [--views K] [--max-samples N]
-[--shards URL] [--out DIR]``
+[--shards URL] [--out DIR] [--checkpoint NAME]``
 
-The paper's Table 1 and Fig. 1 for a run's latest checkpoint on its training shards,
-which must carry clean labels (or the run applied its noise at load time):
+The paper's Table 1 and Fig. 1 for a run's latest checkpoint (or the one ``--checkpoint``
+names) on its training shards, which must carry clean labels (or the run applied its
+noise at load time):
 
 * Table 1: accuracy against the CLEAN labels on clean training samples and on
   mislabeled ones (training label != clean label), on the plain image and with the

@@ -1,4 +1,5 @@
-"""``python tools/find_mislabeled.py RUN_DIR [--views K] [--shards URL] [--out FILE.csv] [--top N]``
+"""``python tools/find_mislabeled.py RUN_DIR [--views K] [--shards URL] [--out FILE.csv] [--top N]
+[--checkpoint NAME]``
 
 Ranks training samples by how much the run's teacher (the student for runs without
 one) disagrees with their given label over K AugMix teacher views:

@@ -35,7 +35,7 @@ from nrd_dist.data.shards import ShardError, ShardStream, expand_urls, make_load
 from nrd_dist.losses import LOSSES
 from nrd_dist.metrics import ClassificationMeter
 from nrd_dist.models import build_model
-from nrd_dist.tools.export_model import export_state, latest_checkpoint
+from nrd_dist.tools.export_model import export_state, resolve_checkpoint
 from nrd_dist.train import manifest_counts
 
 # The modes' names are those of nrd_dist.evaluate.label_correction (summary.json).
@@ -48,7 +48,7 @@ REDACTED = "***"  # what config.yaml holds in place of a storage secret
 
 @dataclass
 class RunModels:
-    """A run's resolved config and the models of its latest checkpoint, in eval mode."""
+    """A run's resolved config and the models of one of its checkpoints, in eval mode."""
 
     run_dir: Path
     cfg: Config
@@ -66,8 +66,8 @@ def resolve_device(name: str = "auto") -> torch.device:
     return torch.device(("cuda" if torch.cuda.is_available() else "cpu") if name == "auto" else name)
 
 
-def load_run(run_dir: Path, which: str, device: torch.device) -> RunModels:
-    """Models of the run's latest complete checkpoint.
+def load_run(run_dir: Path, which: str, device: torch.device, checkpoint: Optional[str] = None) -> RunModels:
+    """Models of the run's latest complete checkpoint, or of the one ``checkpoint`` names.
 
     ``which``: ``student``, ``teacher``, ``both`` (the student, and the teacher if the
     run has one) or ``auto`` (the teacher if the run has one, else the student).
@@ -78,7 +78,9 @@ def load_run(run_dir: Path, which: str, device: torch.device) -> RunModels:
     if not (run_dir / "config.yaml").is_file():
         raise FileNotFoundError(f"{run_dir}: not a run directory (no config.yaml)")
     cfg = load_config(run_dir / "config.yaml")
-    checkpoint = latest_checkpoint(run_dir)
+    # Resolved once: a run still writing checkpoints must not give the student and the
+    # teacher from different steps.
+    checkpoint = resolve_checkpoint(run_dir, checkpoint)
     teacher = has_teacher(cfg)
     if which == "teacher" and not teacher:
         raise ValueError(f"{run_dir}: loss {cfg.loss.name!r} keeps no teacher; use --which student")
@@ -88,7 +90,7 @@ def load_run(run_dir: Path, which: str, device: torch.device) -> RunModels:
     models = {}
     for name in names:
         model = build_model(cfg.model.arch, cfg.data.num_classes, cfg.model.in_channels)
-        model.load_state_dict(export_state(run_dir, name))
+        model.load_state_dict(export_state(run_dir, name, checkpoint))
         models[name] = model.to(device).eval()
     return RunModels(run_dir, cfg, checkpoint, models, device)
 
@@ -303,6 +305,8 @@ def predict_samples(run: RunModels, urls: Sequence[str], views: int, plain: bool
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """The arguments both tools share."""
     parser.add_argument("run_dir", type=Path, help="a run's output_dir (config.yaml, checkpoints/)")
+    parser.add_argument("--checkpoint", default=None, metavar="NAME",
+                        help="a folder under RUN_DIR/checkpoints (step_000400) or its path (default: the latest)")
     parser.add_argument("--views", type=int, default=10, metavar="K", help="AugMix teacher views per sample (10)")
     parser.add_argument("--shards", default=None, metavar="URL",
                         help="training shards: URL, brace pattern or glob (default: the run's data.train)")
@@ -323,7 +327,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def predict_from_args(args: argparse.Namespace, which: str, plain: bool, require_clean: bool
                       ) -> tuple[RunModels, list[str], SamplePredictions]:
     """Load the run named by ``args`` and run :func:`predict_samples` over its shards."""
-    run = load_run(args.run_dir, which, resolve_device(args.device))
+    run = load_run(args.run_dir, which, resolve_device(args.device), args.checkpoint)
     data = run.cfg.data
     storage.configure(_without_redacted(data.storage), data.retries, data.retry_backoff_s)
     urls = expand_urls(args.shards if args.shards else data.train, "--shards" if args.shards else "data.train")

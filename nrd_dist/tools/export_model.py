@@ -1,7 +1,7 @@
-"""``python tools/export_model.py RUN_DIR --which student|teacher --out FILE.pt``
+"""``python tools/export_model.py RUN_DIR --which student|teacher --out FILE.pt [--checkpoint NAME]``
 
 Writes a plain ``state_dict`` of the student or the EMA teacher from the latest complete
-checkpoint of a run (any engine: one process, DDP, DeepSpeed ZeRO 0-3), loadable by the
+checkpoint of a run (or the one ``--checkpoint`` names) (any engine: one process, DDP, DeepSpeed ZeRO 0-3), loadable by the
 bare model: ``build_model(arch, num_classes, in_channels).load_state_dict(torch.load(FILE))``.
 """
 
@@ -29,9 +29,29 @@ def latest_checkpoint(run_dir: Path) -> Path:
     return path
 
 
-def export_state(run_dir: Path, which: str) -> dict[str, torch.Tensor]:
+def complete_checkpoints(run_dir: Path) -> list[Path]:
+    return sorted(p for p in (run_dir / "checkpoints").glob("step_*") if (p / COMPLETE).exists())
+
+
+def resolve_checkpoint(run_dir: Path, choice: Optional[str] = None) -> Path:
+    """The checkpoint folder ``choice`` names (a folder name under RUN_DIR/checkpoints, such
+    as ``step_000400``, or a path); the latest complete one when ``choice`` is None."""
+    if choice is None:
+        return latest_checkpoint(run_dir)
+    for path in (Path(choice), run_dir / "checkpoints" / choice):
+        if path.is_dir():
+            if not (path / COMPLETE).exists():
+                raise FileNotFoundError(f"{path}: incomplete checkpoint (no {COMPLETE} marker)")
+            return path
+    available = ", ".join(p.name for p in complete_checkpoints(run_dir)) or "none"
+    raise FileNotFoundError(f"--checkpoint {choice}: no such checkpoint in {run_dir / 'checkpoints'} "
+                            f"(complete ones: {available})")
+
+
+def export_state(run_dir: Path, which: str, checkpoint: Optional[Path] = None) -> dict[str, torch.Tensor]:
+    """``which`` (student or teacher) of ``checkpoint`` (default: the run's latest)."""
     cfg = load_config(run_dir / "config.yaml")
-    path = latest_checkpoint(run_dir)
+    path = checkpoint or latest_checkpoint(run_dir)
     shared = torch.load(path / "shared.pt", map_location="cpu", weights_only=True)
     if which == "teacher":
         if shared.get("teacher") is None:
@@ -54,9 +74,11 @@ def main(argv: Optional[list[str]] = None) -> int:
     parser.add_argument("run_dir", type=Path)
     parser.add_argument("--which", choices=["student", "teacher"], default="teacher")
     parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument("--checkpoint", default=None, metavar="NAME",
+                        help="a folder under RUN_DIR/checkpoints (step_000400) or its path (default: the latest)")
     args = parser.parse_args(argv)
     try:
-        state = export_state(args.run_dir, args.which)
+        state = export_state(args.run_dir, args.which, resolve_checkpoint(args.run_dir, args.checkpoint))
     except (FileNotFoundError, ValueError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
