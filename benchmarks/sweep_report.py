@@ -86,12 +86,18 @@ def memorization_lines(cells: list[dict], settings: list[str], labels: dict[str,
             *table(ordered, settings, "method"), ""]
 
 
-def diagnosis_lines(diagnosed: list[dict]) -> list[str]:
+def diagnosis_lines(diagnosed: list[dict], counted: Optional[set[str]] = None) -> list[str]:
     """Table 1 and the mislabeled-detection AUROC per noise setting (tools/diagnose.py), and
-    precision@k of the ranking tools/find_mislabeled.py writes."""
+    precision@k and recall@k of the ranking tools/find_mislabeled.py writes. A run outside
+    ``counted`` (a grid entry the selection did not pick) is marked as such."""
     if not diagnosed:
         return []
-    lines = ["## Mislabeled training samples (tools/diagnose.py, seed 0, K = 10 AugMix views)", "",
+
+    def run_name(report: dict) -> str:
+        return report["cell"] + ("" if counted is None or report["cell"] in counted else " (not selected)")
+
+    views = "/".join(str(v) for v in sorted({r.get("views", 10) for r in diagnosed}))
+    lines = [f"## Mislabeled training samples (tools/diagnose.py, K = {views} AugMix views)", "",
              "Accuracy against the clean label on training samples whose label is clean / mislabeled, on the plain",
              "image and averaged over the K views; AUROC of detecting mislabeled samples by -log p(given label).", "",
              "| run | model | clean: plain | clean: K views | mislabeled: plain | mislabeled: K views "
@@ -105,22 +111,24 @@ def diagnosis_lines(diagnosed: list[dict]) -> list[str]:
             cells = [number(modes[m][subset], 1) for subset in ("clean", "mislabeled")
                      for m in ("plain", "augmix_ensemble")]
             cells += [number(auroc[m], 3) for m in ("plain", "augmix_ensemble")]
-            lines.append(f"| {report['cell']} | {model} | " + " | ".join(cells) + " |")
+            lines.append(f"| {run_name(report)} | {model} | " + " | ".join(cells) + " |")
     ranked = [r for r in diagnosed if "find_mislabeled" in r]
     if ranked:
-        lines += ["", "### Cleaning the data: tools/find_mislabeled.py (K = 10 views)", "",
+        lines += ["", f"### Cleaning the data: tools/find_mislabeled.py (K = {views} views)", "",
                   "Training samples ranked by the model's disagreement with their given label (1 - p(given label)",
                   "of the prediction averaged over the K views); precision of taking the top k as mislabeled (k =",
                   f"1/5/10% of the {ranked[0]['samples']:,} samples, and k = the number actually mislabeled, where precision equals",
-                  "recall). Where most labels are wrong (80%) a high precision@k is easy: compare the AUROC.", "",
+                  "recall), and the share of all mislabeled samples found in the top 10% (recall@10%). Where",
+                  "most labels are wrong (80%) a high precision@k is easy: compare the AUROC.", "",
                   "| run | model | mislabeled | precision@1% | precision@5% | precision@10% | precision@#mislabeled "
-                  "| AUROC |", "|---|---|---|---|---|---|---|---|"]
+                  "| recall@10% | AUROC |", "|---|---|---|---|---|---|---|---|---|"]
         for report in ranked:
             found = report["find_mislabeled"]
-            at_k = {entry["k"]: entry["precision"] for entry in found.get("at_k") or []}
-            cells = [number(at_k.get(k), 3) for k in ("1%", "5%", "10%", "number mislabeled")]
+            at_k = {entry["k"]: entry for entry in found.get("at_k") or []}
+            cells = [number(at_k.get(k, {}).get("precision"), 3) for k in ("1%", "5%", "10%", "number mislabeled")]
+            cells.append(number(at_k.get("10%", {}).get("recall"), 3))
             mislabeled = "–" if found.get("mislabeled") is None else found["mislabeled"]
-            lines.append(f"| {report['cell']} | {found['model']} | {mislabeled} | " + " | ".join(cells)
+            lines.append(f"| {run_name(report)} | {found['model']} | {mislabeled} | " + " | ".join(cells)
                          + f" | {number(found['auroc'], 3)} |")
     return lines + [""]
 
@@ -141,8 +149,9 @@ def write_report(results: list[dict], selected: dict[str, Optional[int]], out: P
                 ece.setdefault(name, {}).setdefault(cell["setting"], []).append(100 * cell["teacher_test_ece_last"])
 
     lines = ["# Noisy-label benchmark: Fashion-MNIST", "",
-             "Produced by `benchmarks/noisy_labels.py` (run, then `table`); every number below comes from",
-             "the cell files in `cells/`, each holding its exact command.", "", f"**Status:** {status}", "",
+             "Produced by `benchmarks/noisy_labels.py` (run, `diagnose`, then `table`); every number below",
+             "comes from the cell files in `cells/` and the diagnostics in `diagnose/`, each holding its",
+             "exact command.", "", f"**Status:** {status}", "",
              "## Clean test top-1 (%) at the last epoch", "", *table(top1, settings, "method"), "",
              "## Expected calibration error (%, 15 bins) at the last epoch", "", *table(ece, settings, "method"), "",
              *target_lines(top1, ece), *memorization_lines(cells, settings, labels),
@@ -154,7 +163,12 @@ def write_report(results: list[dict], selected: dict[str, Optional[int]], out: P
             mark = "yes" if selected.get(method) == cell["grid_index"] else ""
             lines.append(f"| {labels[method]} | `{cell['hyperparameters']}` | {cell['noisy_val_top1_last']:.2f} | {mark} |")
 
-    lines += ["", *diagnosis_lines(list(diagnosed))]
+    lines += ["", *diagnosis_lines(list(diagnosed), {c["cell"] for c in cells})]
+    histograms = sorted((out / "diagnose").glob("*-log_likelihood_*.png"))
+    if histograms:
+        lines += ["### Fig. 1: log p(clean label) of clean and mislabeled training samples", "",
+                  "Plain image (left) and the K-view average (right), from `tools/diagnose.py`:", "",
+                  *[f"![{p.stem}](diagnose/{p.name})" for p in histograms], ""]
     plots = []
     for setting in settings:
         series = {}

@@ -20,12 +20,14 @@ def report(cell, find_mislabeled=None):
 
 def test_table1_and_precision_at_k_rows():
     ranked = {"model": "teacher", "mislabeled": 723, "auroc": 0.97,
-              "at_k": [{"k": "1%", "precision": 1.0}, {"k": "5%", "precision": 0.99}, {"k": "10%", "precision": 0.985},
+              "at_k": [{"k": "1%", "precision": 1.0}, {"k": "5%", "precision": 0.99}, {"k": "10%", "precision": 0.985, "recall": 0.2739},
                        {"k": "number mislabeled", "precision": 0.8934}]}
-    lines = diagnosis_lines([report("sym40-nrd-g0-s0", ranked), report("sym60-nrd-g1-s0")])
+    lines = diagnosis_lines([report("sym40-nrd-g0-s0", ranked), report("sym60-nrd-g1-s0")],
+                            counted={"sym40-nrd-g0-s0", "sym60-nrd-g1-s0"})
     assert "| sym40-nrd-g0-s0 | teacher | 97.5 | 96.1 | 66.1 | 70.5 | 0.960 | 0.969 |" in lines
-    assert "| sym40-nrd-g0-s0 | teacher | 723 | 1.000 | 0.990 | 0.985 | 0.893 | 0.970 |" in lines
+    assert "| sym40-nrd-g0-s0 | teacher | 723 | 1.000 | 0.990 | 0.985 | 0.893 | 0.274 | 0.970 |" in lines
     assert any("of the 2,000 samples" in line for line in lines)
+    assert lines[0] == "## Mislabeled training samples (tools/diagnose.py, K = 10 AugMix views)"
     # a cell not yet ranked gets Table 1 only
     assert sum(line.startswith("| sym60-nrd-g1-s0 |") for line in lines) == 1
 
@@ -33,7 +35,13 @@ def test_table1_and_precision_at_k_rows():
 def test_a_ranking_without_clean_labels_shows_dashes():
     unranked = {"model": "teacher", "mislabeled": None, "auroc": None, "at_k": None}
     lines = diagnosis_lines([report("sym40-nrd-g0-s0", unranked)])
-    assert "| sym40-nrd-g0-s0 | teacher | – | – | – | – | – | – |" in lines
+    assert "| sym40-nrd-g0-s0 | teacher | – | – | – | – | – | – | – |" in lines
+
+
+def test_a_grid_entry_the_selection_did_not_pick_is_marked():
+    lines = diagnosis_lines([report("sym40-nrd-g0-s0"), report("sym40-nrd-g1-s0")], counted={"sym40-nrd-g1-s0"})
+    assert any(line.startswith("| sym40-nrd-g0-s0 (not selected) | teacher |") for line in lines)
+    assert any(line.startswith("| sym40-nrd-g1-s0 | teacher |") for line in lines)
 
 
 def test_no_diagnosed_cells_no_section():
