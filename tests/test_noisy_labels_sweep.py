@@ -1,0 +1,83 @@
+"""The sweep's planning (benchmarks/noisy_labels.py): which cells exist, in what order,
+which grid entry the selection picks, and that a finished cell is never rerun. Pure
+bookkeeping over result files in a temporary folder: a real cell is a 6-10 minute
+training run, and the committed cells in docs/results/cells are those runs."""
+
+import json
+import sys
+from collections import Counter
+
+import pytest
+
+from conftest import REPO
+
+sys.path.insert(0, str(REPO / "benchmarks"))
+import noisy_labels as sweep  # noqa: E402
+
+
+@pytest.fixture
+def results(tmp_path, monkeypatch):
+    monkeypatch.setattr(sweep, "CELLS", tmp_path / "cells")
+    monkeypatch.setattr(sweep, "RUNS", tmp_path / "runs")
+
+    def finish(cell, noisy_val=50.0, test=70.0):
+        sweep.write_atomic(sweep.result_path(sweep.cell_name(*cell)),
+                           json.dumps({"noisy_val_top1_last": noisy_val, "test_top1_last": test}))
+    return finish
+
+
+def test_before_the_selection_only_the_grid_and_ce_at_60_are_planned(results):
+    cells = sweep.plan()
+    grid = sum(len(entries) for entries in sweep.GRIDS.values())
+    assert len(cells) == grid + 1 and cells.pop(1) == ("sym60", "ce", 0, 0)
+    assert {(setting, seed) for setting, _, _, seed in cells} == {("sym40", 0)}
+
+
+def test_selection_uses_noisy_validation_never_the_clean_test_labels(results):
+    # entry 0: better on the clean test set, worse on noisy validation; entry 1 must win
+    results(("sym40", "gjs", 0, 0), noisy_val=50.0, test=90.0)
+    assert sweep.selected_grid_index("gjs") is None  # not all of the grid is done yet
+    results(("sym40", "gjs", 1, 0), noisy_val=51.0, test=60.0)
+    assert sweep.selected_grid_index("gjs") == 1
+    results(("sym40", "gce", 0, 0), noisy_val=52.0)
+    results(("sym40", "gce", 1, 0), noisy_val=52.0)
+    assert sweep.selected_grid_index("gce") == 0  # a tie goes to the first (the paper's default) entry
+
+
+def test_once_selected_every_setting_and_seed_is_planned_once(results):
+    for method, entries in sweep.GRIDS.items():
+        for index in range(len(entries)):
+            results(("sym40", method, index, 0), noisy_val=50.0 + index * (method == "nrd"))
+    cells = sweep.plan()
+    assert len(cells) == len(set(cells)) == 59
+    final = Counter((setting, method) for setting, method, index, _ in cells
+                    if index == sweep.selected_grid_index(method))
+    for setting in sweep.SETTINGS:
+        for method in sweep.GRIDS:
+            assert final[setting, method] == (3 if setting in ("sym40", "sym60") else 1), (setting, method)
+    assert all(index == 1 for setting, method, index, _ in cells if method == "nrd" and setting != "sym40")
+    # seed 0 of every setting comes before any extra seed
+    first_extra = next(i for i, cell in enumerate(cells) if cell[3] != 0)
+    assert all(cell[3] != 0 for cell in cells[first_extra:])
+
+
+def test_run_skips_finished_cells_and_stops_when_all_are_done(results, monkeypatch, tmp_path):
+    """run_cell is replaced by one that records the cell and writes its result file."""
+    ran = []
+
+    def fake_run_cell(cell, commit):
+        ran.append(cell)
+        results(cell, noisy_val=50.0)
+
+    monkeypatch.setattr(sweep, "run_cell", fake_run_cell)
+    monkeypatch.setattr(sweep, "TRAIN", str(REPO / "README.md"))  # "shards exist": no make_shards
+    results(("sym60", "ce", 0, 0))
+    assert sweep.main(["run", "--only", "sym40"]) == 0  # the selection grid first: then it is known
+    assert len(ran) == sum(len(entries) for entries in sweep.GRIDS.values()) + 2 * len(sweep.GRIDS)
+    ran.clear()
+    assert sweep.main(["run", "--only", "sym60"]) == 0
+    assert ("sym60", "ce", 0, 0) not in ran and all(cell[0] == "sym60" for cell in ran)
+    assert len(ran) == 3 * len(sweep.GRIDS) - 1
+    before = len(ran)
+    assert sweep.main(["run", "--only", "sym60"]) == 0
+    assert len(ran) == before  # nothing left: nothing rerun
