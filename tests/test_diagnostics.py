@@ -184,6 +184,7 @@ def test_find_mislabeled_ranks_every_sample_with_its_precision(ranked, diagnosed
         assert entry["precision"] == int(hits[k - 1]) / k
         assert entry["recall"] == int(hits[k - 1]) / n_mislabeled
     assert summary["auroc"] == float(brute_force_auroc(scores, [r["given_label"] != r["clean_label"] for r in rows]))
+    assert summary["auroc"] == pytest.approx(diagnosed[0]["auroc"]["teacher"]["augmix_ensemble"], abs=1e-12)
     # The views are drawn per sample from (seed, key): find_mislabeled (views only) and
     # diagnose (plain image too) saw the same teacher views.
     log_p_given = {r["key"]: float(r["teacher_augmix_ensemble_log_p_given"]) for r in diagnosed[1]}

@@ -75,7 +75,7 @@ def write_ranking(predictions: SamplePredictions, model: str, order: np.ndarray,
     return len(rows)
 
 
-def summarize(predictions: SamplePredictions, model: str, order: np.ndarray, score: np.ndarray) -> dict[str, Any]:
+def summarize(predictions: SamplePredictions, model: str, order: np.ndarray) -> dict[str, Any]:
     known = int((predictions.clean >= 0).sum())
     summary: dict[str, Any] = {"model": model, "score": SCORE, "clean_labels": predictions.has_clean_labels,
                                "clean_labels_known": known}
@@ -83,7 +83,9 @@ def summarize(predictions: SamplePredictions, model: str, order: np.ndarray, sco
         mislabeled = predictions.mislabeled
         summary["mislabeled"] = int(mislabeled.sum())
         summary["at_k"] = precision_recall_at_k(mislabeled[order])
-        summary["auroc"] = finite_or_none(auroc(score, mislabeled))
+        # From -log p (the ranking's own order) rather than 1 - p, which rounds to 1.0 for
+        # p below ~1e-16: equal to diagnose.py's augmix_ensemble AUROC.
+        summary["auroc"] = finite_or_none(auroc(-predictions.outputs[model][VIEWS].log_p_given, mislabeled))
     elif known:
         summary["note"] = f"clean labels known for {known} of {len(predictions.keys)} samples: no precision/recall"
     return summary
@@ -106,7 +108,7 @@ def main(argv: Optional[list[str]] = None) -> int:
         out.parent.mkdir(parents=True, exist_ok=True)
         order, score = ranking(predictions, model)
         rows = write_ranking(predictions, model, order, score, out, args.top)
-        summary = {**describe(run, urls, predictions), **summarize(predictions, model, order, score),
+        summary = {**describe(run, urls, predictions), **summarize(predictions, model, order),
                    "csv": str(out), "rows": rows}
         summary_path = write_json(out.with_name(out.stem + ".summary.json"), summary)
         print(f"ranked {len(order)} samples by the {model}'s disagreement with their label over "
