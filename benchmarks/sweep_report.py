@@ -133,6 +133,17 @@ def diagnosis_lines(diagnosed: list[dict], counted: Optional[set[str]] = None) -
     return lines + [""]
 
 
+def mean_curve(runs: list[list[list[float]]]) -> tuple[list[tuple[float, float]], list[tuple[float, float, float]]]:
+    """The mean over seeds of ``[[epoch, top1], ...]`` curves at the epochs all of them have,
+    and a +- 1 sd band (empty for one seed)."""
+    epochs = sorted(set.intersection(*({e for e, _ in run} for run in runs)))
+    by_epoch = [[dict(map(tuple, run))[e] for run in runs] for e in epochs]
+    mean = [(e, statistics.mean(v)) for e, v in zip(epochs, by_epoch)]
+    if len(runs) < 2:
+        return mean, []
+    return mean, [(e, m - statistics.stdev(v), m + statistics.stdev(v)) for (e, m), v in zip(mean, by_epoch)]
+
+
 def write_report(results: list[dict], selected: dict[str, Optional[int]], out: Path, settings: list[str],
                  methods: list[str], labels: dict[str, str], protocol: str, diagnosed: list[dict] = (),
                  status: str = "") -> Path:
@@ -171,13 +182,17 @@ def write_report(results: list[dict], selected: dict[str, Optional[int]], out: P
                   *[f"![{p.stem}](diagnose/{p.name})" for p in histograms], ""]
     plots = []
     for setting in settings:
-        series = {}
+        series, bands, seed_counts = {}, {}, set()
         for method in methods:
-            cell = next((c for c in cells if c["method"] == method and c["setting"] == setting and c["seed"] == 0), None)
-            if cell:
-                series[labels[method]] = [tuple(p) for p in cell["curves"]["fmnist_test/student"]]
+            runs = [c["curves"]["fmnist_test/student"] for c in cells if c["method"] == method and c["setting"] == setting]
+            if runs:
+                series[labels[method]], bands[labels[method]] = mean_curve(runs)
+                seed_counts.add(len(runs))
+        low, high = min(seed_counts, default=1), max(seed_counts, default=1)
+        seeds = ("seed 0" if high == 1 else f"mean of {low if low == high else f'{low}-{high}'} seeds"
+                 f"{'' if low == high else ' per method'}, band ±1 sd")
         path = line_plot(series, out / f"curves_{setting}.png", "epoch", "clean test top-1 (%)",
-                         f"Fashion-MNIST, {setting}: student test accuracy per epoch (seed 0)")
+                         f"Fashion-MNIST, {setting}: student test accuracy per epoch\n({seeds})", bands)
         if path:
             plots.append(f"![{setting}](curves_{setting}.png)")
     for setting in ("sym40", "sym60"):

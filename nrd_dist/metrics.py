@@ -136,8 +136,10 @@ def bar_chart(groups: dict[str, dict[str, float]], path: Path, title: str, ylabe
 
 
 def line_plot(series: dict[str, list[tuple[float, float]]], path: Path, xlabel: str, ylabel: str,
-              title: str = "") -> Optional[Path]:
-    """Lines ``series[name] = [(x, y), ...]`` (accuracy against epoch)."""
+              title: str = "", bands: Optional[dict[str, list[tuple[float, float, float]]]] = None
+              ) -> Optional[Path]:
+    """Lines ``series[name] = [(x, y), ...]`` (accuracy against epoch), each with an optional
+    shaded band ``bands[name] = [(x, low, high), ...]`` (e.g. +- one sd over seeds)."""
     if not any(series.values()):
         return None
     import matplotlib
@@ -148,7 +150,10 @@ def line_plot(series: dict[str, list[tuple[float, float]]], path: Path, xlabel: 
     fig, ax = plt.subplots(figsize=(5.6, 3.8), dpi=110)
     for name, points in series.items():
         if points:
-            ax.plot(*zip(*points), "o-", ms=3, label=name)
+            (line,) = ax.plot(*zip(*points), "o-", ms=3, label=name)
+            if bands and bands.get(name):
+                x, low, high = zip(*bands[name])
+                ax.fill_between(x, low, high, color=line.get_color(), alpha=0.2, linewidth=0)
     ax.set_xlabel(xlabel)
     ax.set_ylabel(ylabel)
     ax.set_title(title, fontsize=9)

@@ -3,6 +3,8 @@ shaped as `noisy_labels.py diagnose` writes them: a pure function, no runs neede
 
 import sys
 
+import pytest
+
 from conftest import REPO
 
 sys.path.insert(0, str(REPO / "benchmarks"))
@@ -72,3 +74,11 @@ def test_memorization_drop_is_best_minus_last_per_seed():
     lines = memorization_lines(cells, ["sym60", "sym80"], {"ce": "CE", "nrd": "NRD"})
     assert "| CE | 5.50 ± 1.41 (n=2) | – |" in lines
     assert "| NRD | 0.50 | – |" in lines
+
+
+def test_mean_curve_over_seeds_with_a_sd_band():
+    from sweep_report import mean_curve
+    mean, band = mean_curve([[[5, 60.0], [10, 70.0]], [[5, 62.0], [10, 66.0], [15, 1.0]]])
+    assert mean == [(5, 61.0), (10, 68.0)]  # epoch 15 is not in every run
+    assert band[1][0] == 10 and band[1][1] == pytest.approx(68.0 - 8 ** 0.5) and band[1][2] == pytest.approx(68.0 + 8 ** 0.5)
+    assert mean_curve([[[5, 60.0]]]) == ([(5, 60.0)], [])
