@@ -146,7 +146,7 @@ def mean_curve(runs: list[list[list[float]]]) -> tuple[list[tuple[float, float]]
 
 def write_report(results: list[dict], selected: dict[str, Optional[int]], out: Path, settings: list[str],
                  methods: list[str], labels: dict[str, str], protocol: str, diagnosed: list[dict] = (),
-                 status: str = "") -> Path:
+                 status: str = "", reading: str = "") -> Path:
     cells = final_cells(results, selected)
     top1: dict[str, dict[str, list[float]]] = {}
     ece: dict[str, dict[str, list[float]]] = {}
@@ -165,7 +165,8 @@ def write_report(results: list[dict], selected: dict[str, Optional[int]], out: P
              "exact command.", "", f"**Status:** {status}", "",
              "## Clean test top-1 (%) at the last epoch", "", *table(top1, settings, "method"), "",
              "## Expected calibration error (%, 15 bins) at the last epoch", "", *table(ece, settings, "method"), "",
-             *target_lines(top1, ece), *memorization_lines(cells, settings, labels),
+             *target_lines(top1, ece), *(["## Reading the results", "", reading.strip(), ""] if reading else []),
+             *memorization_lines(cells, settings, labels),
              "## Hyperparameter selection (noisy validation top-1 %, 40% symmetric, seed 0)", "",
              "| method | grid entry | noisy-val top-1 | selected |", "|---|---|---|---|"]
     for method in methods:
