@@ -42,8 +42,10 @@ def small_cnn(num_classes: int, in_channels: int = 1, width: int = 32) -> nn.Mod
 
     The classifier sees the whole 7x7 feature map (adaptive pooling makes 32 px inputs
     fit too): enough capacity to memorise noisy labels, which is what the noisy-label
-    comparisons must show. BatchNorm, so the teacher's running statistics matter as in
-    the ResNets.
+    comparisons must show. BatchNorm after every conv and before the hidden ReLU (so
+    the teacher's running statistics matter as in the ResNets, and the hidden units
+    cannot all die); training therefore needs at least 2 samples per rank and batch.
+    Checkpoints of the earlier layout (no hidden BatchNorm, before sweep v2) do not load.
     """
 
     def block(cin, cout):
@@ -58,7 +60,11 @@ def small_cnn(num_classes: int, in_channels: int = 1, width: int = 32) -> nn.Mod
         block(width, 2 * width),
         nn.AdaptiveAvgPool2d(7),
         nn.Flatten(),
-        nn.Linear(2 * width * 49, 128),
+        # BatchNorm before the hidden ReLU: without it, high label noise at lr 0.1 drove
+        # every one of these units below zero for good (dead ReLUs), and the network
+        # collapsed to a constant prediction (docs/results/v1/README.md).
+        nn.Linear(2 * width * 49, 128, bias=False),
+        nn.BatchNorm1d(128),
         nn.ReLU(inplace=True),
         nn.Linear(128, num_classes),
     )

@@ -209,3 +209,23 @@ def test_backward_gives_finite_grads_everywhere(arch, num_classes, in_channels, 
     # Some gradient is non-zero in the stem and in the head.
     first, last = list(model.parameters())[0], list(model.parameters())[-1]
     assert first.grad.abs().sum() > 0 and last.grad.abs().sum() > 0
+
+
+def test_small_cnn_hidden_units_cannot_all_die():
+    """The sweep's v1 small_cnn (no BatchNorm before the hidden ReLU) lost every hidden unit
+    at 60-80% label noise: once all pre-activations are negative no gradient reaches them
+    again and the network predicts a constant. Pushed into exactly that state (every
+    pre-activation negative), the hidden layer must still be active on part of each
+    training batch and every unit must still get a gradient."""
+    torch.manual_seed(0)
+    model = build_model("small_cnn", 10, 1).train()
+    hidden = next(m for m in model.modules() if isinstance(m, nn.Linear))
+    with torch.no_grad():
+        hidden.weight.copy_(-hidden.weight.abs())  # its inputs are >= 0 (after ReLU and pooling)
+    layers = list(model)
+    x = torch.rand(64, 1, 28, 28)
+    assert (nn.Sequential(*layers[:layers.index(hidden) + 1])(x) <= 0).all()
+    active = nn.Sequential(*layers[:-1])(x) > 0  # everything but the classifier
+    assert active.any(0).all(), f"{int((~active.any(0)).sum())} hidden units dead on the whole batch"
+    F.cross_entropy(model(x), torch.randint(0, 10, (64,))).backward()
+    assert (hidden.weight.grad.abs().sum(1) > 0).all()
