@@ -24,7 +24,7 @@ Protocol, fixed before any result was seen:
   on a held-out *noisy* validation split (2,000 other training images with the same
   noise: ``eval.noisy_val``). Sized by a pilot: with 5,000 images and 30 epochs CE at
   60% noise was still underfitting at the end (no memorization to see); with 2,000
-  images and 100 epochs CE peaks (70.5% at epoch 60) and then falls as it fits the
+  images and 100 epochs CE peaks (70.5% at epoch 60, v1's model) and then falls as it fits the
   noise, and the sweep (59 runs) takes about 6-7 hours on a 2-core machine.
 * Hyperparameters: each method's small grid (GRIDS) is run at 40% symmetric noise, seed
   0; the entry with the best *noisy-validation* top-1 at the last epoch is selected and
@@ -32,16 +32,19 @@ Protocol, fixed before any result was seen:
 * Reported: the student's clean test top-1 at the *last* epoch (no peeking at the best
   epoch), mean +- standard deviation over seeds (3 at 40% and 60% symmetric, 1
   elsewhere), the last-epoch ECE, and NRD's teacher; curves of test top-1 per epoch.
-* Code: the cells from sym40-sce-g1-s0 on ran the training code of commit 1b5b124 (from
-  a git worktree frozen there, so that the loader work going on at the same time could
-  not change a running sweep); the first five ran at the commits that recorded them,
-  whose training path differs from 1b5b124's only by changes that keep results bitwise
-  (the EMA pairing cache, the storage retry loop). From commit a71d68c the loader reseeds its augmentations per epoch (for
-  persistent workers): a cell rerun at a later commit is a statistically equivalent run,
-  not a bitwise repeat; `git worktree add DIR 1b5b124` repeats it exactly.
+* Code: each cell records the commit whose training code ran it (``commit``); a sweep
+  runs from a git worktree frozen at one commit, so that work going on in the main
+  checkout cannot change a running sweep. ``git worktree add DIR COMMIT`` repeats a
+  cell exactly.
 * Resumable: each finished cell writes ``docs/results/cells/CELL.json`` at once and is
   never rerun; an interrupted cell resumes from its own checkpoint
-  (``runs/sweep/CELL/``).
+  (``runs/sweep-v2/CELL/``).
+
+Versions: v1 (``docs/results/v1/``, commit 1b5b124) was stopped at 43 of 59 cells when
+its ``small_cnn`` turned out to lose every hidden unit (dead ReLUs) under 60-80% noise
+with some losses, which made its high-noise comparisons measure that rather than noise
+robustness; v2 is the same protocol with ``small_cnn``'s hidden layer batch-normalized,
+every cell (the selection grid included) run again.
 """
 
 from __future__ import annotations
@@ -59,7 +62,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # sweep_report beside this file
 RESULTS = REPO / "docs" / "results"
 CELLS = RESULTS / "cells"
-RUNS = REPO / "runs" / "sweep"
+RUNS = REPO / "runs" / "sweep-v2"  # v1 ran in runs/sweep
 
 SHARDS = "data/fmnist-2k"  # tools/make_shards.py fashion-mnist --shard-size 2000 (made by `run` if missing)
 TRAIN_IMAGES = 2000
@@ -93,31 +96,9 @@ GRIDS: dict[str, list[dict[str, Any]]] = {
 }
 LABELS = {"ce": "CE", "gce": "GCE", "sce": "SCE", "gjs": "GJS", "nrd": "NRD", "ce_nrd": "CE+NRD"}
 
-# What the tables and plots show, in words (written from the seed-0 cells and the extra
-# seeds finished so far; qualitative on purpose, the numbers live in the tables).
-READING = """\
-* **Memorization.** CE's clean test accuracy peaks and then falls as it fits the noisy
-  labels (the memorization table; the curves at 40% and 60%); GCE, SCE, GJS and NRD
-  barely fall at 20-60%. At 80% GCE, GJS and CE+NRD rise and then fall too.
-* **NRD against CE and GJS.** NRD beats CE by a wide margin at 60% and is the best
-  method on the asymmetric pairs, but it is below GJS at 60% and far below it at 80%.
-  The selected `pi = [0.1, 0.8, 0.1]` puts little weight on the label: NRD learns
-  slowly (its 60% curve is still rising at epoch 100) and at 80% it hardly learns at
-  all. The protocol selects once, at 40%, and trains 100 epochs; the paper chooses
-  hyperparameters per setting and trains longer. Nothing here was retuned after the
-  fact.
-* **Calibration.** NRD's predictions are *under*-confident at 40% and 60% (accuracy
-  above confidence in the reliability diagrams), so its ECE is higher than CE's there;
-  GCE, SCE and GJS are over-confident. NRD's low ECE at 80% comes from predictions close
-  to uniform, not from a good model.
-* **Finding mislabeled samples.** NRD's teacher, averaged over 10 AugMix views, ranks
-  mislabeled training samples better than CE (higher AUROC and precision at the number
-  mislabeled) at 20-60% symmetric noise and on the asymmetric pairs (where CE's very top
-  1-5% is purer, though); at 80%, where NRD did not learn, CE's ranking is better.
-* **CE+NRD at 80%** collapsed to the uniform prediction (test top-1 10%, loss ln 10):
-  the student-teacher JSD term has the uniform distribution as a fixed point, and the
-  CE term on 72% wrong labels did not pull it out.
-"""
+# What the tables and plots show, in words: written once the v2 cells are in (v1's
+# reading is in docs/results/v1/README.md).
+READING = ""
 
 
 def seeds(setting: str) -> list[int]:
@@ -184,6 +165,15 @@ def plan() -> list[tuple[str, str, int, int]]:
     return cells
 
 
+def source_commit() -> str:
+    """The commit of the code that ran (``+dirty`` when tracked files differ from it)."""
+    def git(*args: str) -> str:
+        return subprocess.run(["git", *args], cwd=REPO, capture_output=True, text=True).stdout.strip()
+
+    commit = git("rev-parse", "HEAD") or "unknown"
+    return commit + ("+dirty" if git("status", "--porcelain", "--untracked-files=no") else "")
+
+
 def summarize_run(name: str, cell: tuple[str, str, int, int], cmd: list[str], wall_s: float) -> dict:
     """The numbers the tables and plots need, from the run's own outputs."""
     run_dir = RUNS / name
@@ -201,7 +191,7 @@ def summarize_run(name: str, cell: tuple[str, str, int, int], cmd: list[str], wa
         "cell": name, "setting": setting, "noise": SETTINGS[setting], "method": method, "seed": seed,
         "grid_index": grid_index, "hyperparameters": GRIDS[method][grid_index],
         "command": " ".join(str(c) for c in cmd[1:]).replace(str(REPO) + "/", ""),
-        "epochs": EPOCHS, "train_images": TRAIN_IMAGES, "wall_time_s": round(wall_s, 1),
+        "commit": source_commit(), "epochs": EPOCHS, "train_images": TRAIN_IMAGES, "wall_time_s": round(wall_s, 1),
         "test_top1_last": last["fmnist_test"]["student"]["top1"],
         "test_top1_best": max(p[1] for p in curves["fmnist_test/student"]),
         "test_ece_last": last["fmnist_test"]["student"]["ece"],
