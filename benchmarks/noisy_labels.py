@@ -24,8 +24,8 @@ Protocol, fixed before any result was seen:
   on a held-out *noisy* validation split (2,000 other training images with the same
   noise: ``eval.noisy_val``). Sized by a pilot: with 5,000 images and 30 epochs CE at
   60% noise was still underfitting at the end (no memorization to see); with 2,000
-  images and 100 epochs CE peaks (70.5% at epoch 60, v1's model) and then falls as it fits the
-  noise, and the sweep (59 runs) takes about 6-7 hours on a 2-core machine.
+  images and 100 epochs CE peaks (70.5% at epoch 60, v1's model) and then falls as it
+  fits the noise, and the sweep (59 runs) takes about 6-7 hours on a 2-core machine.
 * Hyperparameters: each method's small grid (GRIDS) is run at 40% symmetric noise, seed
   0; the entry with the best *noisy-validation* top-1 at the last epoch is selected and
   used for every setting and seed. Clean test labels are never used to choose anything.

@@ -40,8 +40,8 @@ def mean(values: list[float]) -> Optional[float]:
     return statistics.mean(values) if values else None
 
 
-def number(value: Optional[float]) -> str:
-    return "–" if value is None else f"{value:.2f}"
+def number(value: Optional[float], digits: int = 2) -> str:
+    return "–" if value is None else f"{value:.{digits}f}"
 
 
 def target_lines(top1: dict[str, dict[str, list[float]]], ece: dict[str, dict[str, list[float]]]) -> list[str]:
@@ -50,13 +50,15 @@ def target_lines(top1: dict[str, dict[str, list[float]]], ece: dict[str, dict[st
     def verdict(met: Optional[bool]) -> str:
         return "not yet run" if met is None else ("met" if met else "**not met**")
 
-    def compare(rows, setting, better, worse, margin=0.0, lower_is_better=False):
-        ours, theirs = mean(rows.get(better, {}).get(setting, [])), mean(rows.get(worse, {}).get(setting, []))
+    def compare(rows, setting, ours, theirs, margin, lower_is_better):
+        """NRD's mean against the other method's: at least ``margin`` better when a margin
+        is given, else strictly better (lower, for ECE)."""
+        a, b = mean(rows.get(ours, {}).get(setting, [])), mean(rows.get(theirs, {}).get(setting, []))
         met = None
-        if ours is not None and theirs is not None:
-            difference = ours - theirs
-            met = difference < -margin if lower_is_better else difference >= margin if margin else difference > 0
-        return number(ours), number(theirs), met
+        if a is not None and b is not None:
+            gain = b - a if lower_is_better else a - b
+            met = gain >= margin if margin else gain > 0
+        return number(a), number(b), met
 
     lines = ["## Targets", "", "Judged on the mean over seeds of the student's last-epoch numbers.", "",
              "| target | setting | NRD | other | NRD teacher | verdict |", "|---|---|---|---|---|---|"]
@@ -102,9 +104,6 @@ def diagnosis_lines(diagnosed: list[dict], counted: Optional[set[str]] = None) -
              "image and averaged over the K views; AUROC of detecting mislabeled samples by -log p(given label).", "",
              "| run | model | clean: plain | clean: K views | mislabeled: plain | mislabeled: K views "
              "| AUROC plain | AUROC K views |", "|---|---|---|---|---|---|---|---|"]
-    def number(value: Optional[float], digits: int) -> str:
-        return "–" if value is None else f"{value:.{digits}f}"
-
     for report in diagnosed:
         for model, modes in report["table1"].items():
             auroc = report["auroc"][model]

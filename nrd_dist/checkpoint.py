@@ -155,8 +155,7 @@ class Checkpointer:
         return float(self.engine.all_reduce_sum(flag)) == 0
 
     def _prune(self) -> None:
-        complete = sorted(p for p in self.root.glob("step_*") if p.is_dir() and (p / COMPLETE).exists())
-        for old in complete[:-self.keep]:
+        for old in complete_checkpoints(self.root)[:-self.keep]:
             shutil.rmtree(old, ignore_errors=True)
         for stale in self.root.glob("step_*.tmp"):  # left by a crash mid-write
             shutil.rmtree(stale, ignore_errors=True)
@@ -224,6 +223,13 @@ class Checkpointer:
             t.scheduler.last_epoch = optimizer_steps - 1
             t.scheduler.step()
         return {"path": path, "epoch": epoch, "batches_in_epoch": batches, "world_size": shared["world_size"]}
+
+
+def complete_checkpoints(root: Path) -> list[Path]:
+    """The complete checkpoint folders under ``root`` (a run's ``checkpoints/``), oldest
+    first; ``step_N.tmp`` folders are never complete, whatever they hold."""
+    return sorted(p for p in root.glob("step_*")
+                  if p.is_dir() and p.suffix != ".tmp" and (p / COMPLETE).exists())
 
 
 def _atomic_save(obj: Any, path: Path) -> None:

@@ -176,6 +176,12 @@ def test_export_errors(tmp_path):
     proc = subprocess.run([sys.executable, "tools/export_model.py", tmp_path, "--out", tmp_path / "x.pt",
                            "--checkpoint", "step_000010"], cwd=REPO, capture_output=True, text=True, timeout=60)
     assert proc.returncode == 2 and "step_000010: incomplete checkpoint" in proc.stderr
+    half_renamed = tmp_path / "checkpoints" / "step_000000020.tmp"  # COMPLETE written, rename not yet done
+    half_renamed.mkdir()
+    (half_renamed / "COMPLETE").write_text("step_000000020\n")
+    proc = subprocess.run([sys.executable, "tools/export_model.py", tmp_path, "--out", tmp_path / "x.pt",
+                           "--checkpoint", half_renamed.name], cwd=REPO, capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 2 and "step_000000020.tmp: incomplete checkpoint" in proc.stderr
 
 
 

@@ -35,7 +35,7 @@ from nrd_dist.data.shards import ShardError, ShardStream, expand_urls, make_load
 from nrd_dist.losses import LOSSES
 from nrd_dist.metrics import ClassificationMeter
 from nrd_dist.models import build_model
-from nrd_dist.tools.export_model import export_state, resolve_checkpoint
+from nrd_dist.tools.export_model import CHECKPOINT_HELP, export_state, resolve_checkpoint
 from nrd_dist.train import manifest_counts
 
 # The modes' names are those of nrd_dist.evaluate.label_correction (summary.json).
@@ -305,8 +305,7 @@ def predict_samples(run: RunModels, urls: Sequence[str], views: int, plain: bool
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """The arguments both tools share."""
     parser.add_argument("run_dir", type=Path, help="a run's output_dir (config.yaml, checkpoints/)")
-    parser.add_argument("--checkpoint", default=None, metavar="NAME",
-                        help="a folder under RUN_DIR/checkpoints (step_000400) or its path (default: the latest)")
+    parser.add_argument("--checkpoint", default=None, metavar="NAME", help=CHECKPOINT_HELP)
     parser.add_argument("--views", type=int, default=10, metavar="K", help="AugMix teacher views per sample (10)")
     parser.add_argument("--shards", default=None, metavar="URL",
                         help="training shards: URL, brace pattern or glob (default: the run's data.train)")

@@ -1,8 +1,8 @@
 """``python tools/export_model.py RUN_DIR --which student|teacher --out FILE.pt [--checkpoint NAME]``
 
 Writes a plain ``state_dict`` of the student or the EMA teacher from the latest complete
-checkpoint of a run (or the one ``--checkpoint`` names) (any engine: one process, DDP, DeepSpeed ZeRO 0-3), loadable by the
-bare model: ``build_model(arch, num_classes, in_channels).load_state_dict(torch.load(FILE))``.
+checkpoint of a run, or the one ``--checkpoint`` names (any engine: one process, DDP,
+DeepSpeed ZeRO 0-3), loadable by the bare model: ``build_model(arch, num_classes, in_channels).load_state_dict(torch.load(FILE))``.
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ from typing import Optional
 
 import torch
 
-from nrd_dist.checkpoint import COMPLETE, LATEST
+from nrd_dist.checkpoint import COMPLETE, LATEST, complete_checkpoints
 from nrd_dist.config import load_config
 
 
@@ -29,21 +29,21 @@ def latest_checkpoint(run_dir: Path) -> Path:
     return path
 
 
-def complete_checkpoints(run_dir: Path) -> list[Path]:
-    return sorted(p for p in (run_dir / "checkpoints").glob("step_*") if (p / COMPLETE).exists())
+CHECKPOINT_HELP = ("a folder under RUN_DIR/checkpoints, e.g. step_000000400, or its path "
+                   "(default: the latest complete one)")
 
 
 def resolve_checkpoint(run_dir: Path, choice: Optional[str] = None) -> Path:
     """The checkpoint folder ``choice`` names (a folder name under RUN_DIR/checkpoints, such
-    as ``step_000400``, or a path); the latest complete one when ``choice`` is None."""
+    as ``step_000000400``, or a path); the latest complete one when ``choice`` is None."""
     if choice is None:
         return latest_checkpoint(run_dir)
     for path in (Path(choice), run_dir / "checkpoints" / choice):
         if path.is_dir():
-            if not (path / COMPLETE).exists():
+            if path.suffix == ".tmp" or not (path / COMPLETE).exists():
                 raise FileNotFoundError(f"{path}: incomplete checkpoint (no {COMPLETE} marker)")
             return path
-    available = ", ".join(p.name for p in complete_checkpoints(run_dir)) or "none"
+    available = ", ".join(p.name for p in complete_checkpoints(run_dir / "checkpoints")) or "none"
     raise FileNotFoundError(f"--checkpoint {choice}: no such checkpoint in {run_dir / 'checkpoints'} "
                             f"(complete ones: {available})")
 
@@ -74,8 +74,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     parser.add_argument("run_dir", type=Path)
     parser.add_argument("--which", choices=["student", "teacher"], default="teacher")
     parser.add_argument("--out", type=Path, required=True)
-    parser.add_argument("--checkpoint", default=None, metavar="NAME",
-                        help="a folder under RUN_DIR/checkpoints (step_000400) or its path (default: the latest)")
+    parser.add_argument("--checkpoint", default=None, metavar="NAME", help=CHECKPOINT_HELP)
     args = parser.parse_args(argv)
     try:
         state = export_state(args.run_dir, args.which, resolve_checkpoint(args.run_dir, args.checkpoint))
