@@ -39,6 +39,9 @@ Protocol, fixed before any result was seen:
 * Resumable: each finished cell writes ``docs/results/cells/CELL.json`` at once and is
   never rerun; an interrupted cell resumes from its own checkpoint
   (``runs/sweep-v2/CELL/``).
+* Diagnostics (``diagnose``) need a cell's checkpoint; run folders are not committed, so
+  where one is missing the cell's exact command trains it again, and the diagnosis
+  records whether that retraining reproduced the committed last-epoch numbers.
 
 Versions: v1 (``docs/results/v1/``, commit 1b5b124) was stopped at 43 of 59 cells when
 its ``small_cnn`` turned out to lose every hidden unit (dead ReLUs) under 60-80% noise
@@ -213,18 +216,23 @@ def write_atomic(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
-def run_cell(cell: tuple[str, str, int, int], commit: bool) -> dict:
-    name = cell_name(*cell)
+def train(cell: tuple[str, str, int, int], log: Path, failure: str) -> dict:
+    """Runs the cell's training command into its run folder (output to ``log``) and
+    summarizes the run; raises with ``failure``, the exit status and the log on failure."""
     cmd = command(*cell)
-    log = RUNS / f"{name}.log"
     log.parent.mkdir(parents=True, exist_ok=True)
-    print(f"[sweep] {name}: {' '.join(cmd[3:5])} ...", flush=True)
     started = time.time()
     with open(log, "a") as f:
         proc = subprocess.run(cmd, cwd=REPO, stdout=f, stderr=subprocess.STDOUT)
     if proc.returncode != 0:
-        raise RuntimeError(f"{name} failed (exit {proc.returncode}); see {log}")
-    result = summarize_run(name, cell, cmd, time.time() - started)
+        raise RuntimeError(f"{failure} (exit {proc.returncode}); see {log}")
+    return summarize_run(cell_name(*cell), cell, cmd, time.time() - started)
+
+
+def run_cell(cell: tuple[str, str, int, int], commit: bool) -> dict:
+    name = cell_name(*cell)
+    print(f"[sweep] {name}: {' '.join(command(*cell)[3:5])} ...", flush=True)
+    result = train(cell, RUNS / f"{name}.log", f"{name} failed")
     write_atomic(result_path(name), json.dumps(result, indent=1) + "\n")
     print(f"[sweep] {name}: test top-1 {result['test_top1_last']:.2f} (noisy val {result['noisy_val_top1_last']:.2f}) "
           f"in {result['wall_time_s']:.0f} s", flush=True)
@@ -263,10 +271,9 @@ def cmd_diagnose(args) -> int:
         target = DIAGNOSED / f"{name}.json"
         if method not in DIAGNOSE_METHODS or seed != 0 or load_result(name) is None:
             continue
-        if not (RUNS / name / "checkpoints").is_dir():
-            # The cell's result is committed but its run folder is not here (a fresh clone).
-            print(f"[sweep] diagnose {name}: skipped, {RUNS / name} has no checkpoints here", flush=True)
+        if target.exists() and "find_mislabeled" in json.loads(target.read_text()):
             continue
+        checkpoint_run = ensure_run_folder(cell)
         out = RUNS / name / "diagnose"
         if not target.exists():
             cmd = [sys.executable, "tools/diagnose.py", str(RUNS / name), "--views", "10", "--out", str(out)]
@@ -274,7 +281,8 @@ def cmd_diagnose(args) -> int:
             subprocess.run(cmd, cwd=REPO, check=True, stdout=subprocess.DEVNULL)
             report = json.loads((out / "diagnose.json").read_text())
             DIAGNOSED.mkdir(parents=True, exist_ok=True)
-            write_atomic(target, json.dumps({"cell": name, "command": relative_command(cmd), **report}, indent=1) + "\n")
+            write_atomic(target, json.dumps({"cell": name, "command": relative_command(cmd),
+                                             "checkpoint_run": checkpoint_run, **report}, indent=1) + "\n")
             for png in out.glob("log_likelihood_*.png"):
                 if setting in ("sym40", "sym60"):
                     (DIAGNOSED / f"{name}-{png.name}").write_bytes(png.read_bytes())
@@ -289,6 +297,28 @@ def cmd_diagnose(args) -> int:
                                          **{k: summary.get(k) for k in ("model", "score", "mislabeled", "at_k", "auroc")}}
             write_atomic(target, json.dumps(report, indent=1) + "\n")
     return 0
+
+
+def ensure_run_folder(cell: tuple[str, str, int, int]) -> dict:
+    """The cell's run folder, with its checkpoint, for the diagnostics. Run folders are not
+    committed (only the result files are), so on a machine that does not have it the cell's
+    training command runs again into it. Training here is deterministic, so the rerun must
+    land on the committed result: its last-epoch numbers are checked against the cell file
+    and the comparison is kept with the diagnosis, so a report never silently describes a
+    different model than the table. The committed result itself is never replaced."""
+    name = cell_name(*cell)
+    committed = load_result(name)
+    if (RUNS / name / "checkpoints").is_dir() and (RUNS / name / "summary.json").exists():
+        return {"rerun": False}  # summary.json comes last: a rerun cut short resumes below
+    print(f"[sweep] diagnose {name}: no run folder here; training it again (deterministic) ...", flush=True)
+    rerun = train(cell, RUNS / f"{name}.diagnose-rerun.log", f"rerunning {name} for the diagnosis failed")
+    keys = ("test_top1_last", "noisy_val_top1_last", "test_ece_last")
+    same = all(rerun[k] == committed[k] for k in keys)
+    if not same:
+        print(f"[sweep] WARNING: the rerun of {name} differs from its committed result: "
+              + ", ".join(f"{k} {rerun[k]} vs {committed[k]}" for k in keys), flush=True)
+    return {"rerun": True, "commit": rerun["commit"], "reproduces_committed_result": same,
+            **{f"rerun_{k}": rerun[k] for k in keys}}
 
 
 def relative_command(cmd: list[str]) -> str:

@@ -129,7 +129,25 @@ def diagnosis_lines(diagnosed: list[dict], counted: Optional[set[str]] = None) -
             mislabeled = "–" if found.get("mislabeled") is None else found["mislabeled"]
             lines.append(f"| {run_name(report)} | {found['model']} | {mislabeled} | " + " | ".join(cells)
                          + f" | {number(found['auroc'], 3)} |")
-    return lines + [""]
+    return lines + ["", *rerun_notes(diagnosed)]
+
+
+def rerun_notes(diagnosed: list[dict]) -> list[str]:
+    """Which diagnosed checkpoints come from a retraining (run folders are not committed) and
+    whether that retraining landed on the committed result, so a mismatch is never hidden."""
+    notes = []
+    for report in diagnosed:
+        run = report.get("checkpoint_run") or {}
+        if not run.get("rerun"):
+            continue
+        if run.get("reproduces_committed_result"):
+            notes.append(f"* {report['cell']}: checkpoint from a retraining at commit {run['commit'][:7]}; "
+                         "it reproduced the committed cell's last-epoch numbers exactly.")
+        else:
+            notes.append(f"* {report['cell']}: checkpoint from a retraining at commit {run['commit'][:7]} that did "
+                         f"NOT reproduce the committed cell (its test top-1 {number(run.get('rerun_test_top1_last'), 2)}); "
+                         "the rows above describe the retrained model.")
+    return notes + [""] if notes else []
 
 
 def mean_curve(runs: list[list[list[float]]]) -> tuple[list[tuple[float, float]], list[tuple[float, float, float]]]:

@@ -81,3 +81,48 @@ def test_run_skips_finished_cells_and_stops_when_all_are_done(results, monkeypat
     before = len(ran)
     assert sweep.main(["run", "--only", "sym60"]) == 0
     assert len(ran) == before  # nothing left: nothing rerun
+
+
+def test_diagnose_retrains_a_missing_run_folder_and_checks_it_reproduces(results, monkeypatch, capsys):
+    """Run folders are not committed, so `diagnose` on a fresh machine trains the cell again.
+    The training command is replaced by a short script that makes the checkpoint folder
+    (a real cell trains for minutes), and the rerun's numbers by fixed ones: what is tested
+    is the bookkeeping, that a rerun happens only when needed and a mismatch is recorded."""
+    cell = ("sym60", "ce", 0, 0)
+    name = sweep.cell_name(*cell)
+    results(cell, noisy_val=25.9, test=48.75)
+    committed = sweep.result_path(name).read_text()
+    ran = []
+
+    def fake_command(*c):
+        ran.append(c)
+        run = sweep.RUNS / name
+        make = (f"import pathlib; pathlib.Path({str(run / 'checkpoints')!r}).mkdir(parents=True, exist_ok=True); "
+                f"pathlib.Path({str(run / 'summary.json')!r}).write_text('{{}}')")
+        return [sys.executable, "-c", make]
+
+    rerun_numbers = {"test_top1_last": 48.75, "noisy_val_top1_last": 25.9, "test_ece_last": None, "commit": "abc"}
+    monkeypatch.setattr(sweep, "command", fake_command)
+    monkeypatch.setattr(sweep, "summarize_run", lambda *a: dict(rerun_numbers))
+    sweep.write_atomic(sweep.result_path(name), json.dumps({**json.loads(committed), "test_ece_last": None}))
+    committed = sweep.result_path(name).read_text()
+
+    report = sweep.ensure_run_folder(cell)
+    assert ran == [cell] and (sweep.RUNS / name / "checkpoints").is_dir()
+    assert report["rerun"] and report["reproduces_committed_result"] and report["commit"] == "abc"
+    assert sweep.ensure_run_folder(cell) == {"rerun": False} and len(ran) == 1  # the folder is here now
+
+    (sweep.RUNS / name / "summary.json").unlink()  # a rerun cut short: checkpoints but no summary
+    rerun_numbers["test_top1_last"] = 47.0
+    report = sweep.ensure_run_folder(cell)
+    assert len(ran) == 2 and not report["reproduces_committed_result"] and report["rerun_test_top1_last"] == 47.0
+    assert "differs from its committed result" in capsys.readouterr().out
+    assert sweep.result_path(name).read_text() == committed  # the committed result is never replaced
+
+
+def test_diagnose_rerun_failure_names_the_cell_and_its_log(results, monkeypatch):
+    cell = ("sym40", "nrd", 1, 0)
+    results(cell)
+    monkeypatch.setattr(sweep, "command", lambda *c: [sys.executable, "-c", "raise SystemExit(3)"])
+    with pytest.raises(RuntimeError, match=r"rerunning sym40-nrd-g1-s0 .*exit 3.*diagnose-rerun\.log"):
+        sweep.ensure_run_folder(cell)

@@ -82,3 +82,17 @@ def test_mean_curve_over_seeds_with_a_sd_band():
     assert mean == [(5, 61.0), (10, 68.0)]  # epoch 15 is not in every run
     assert band[1][0] == 10 and band[1][1] == pytest.approx(68.0 - 8 ** 0.5) and band[1][2] == pytest.approx(68.0 + 8 ** 0.5)
     assert mean_curve([[[5, 60.0]]]) == ([(5, 60.0)], [])
+
+
+def test_a_retrained_checkpoint_is_noted_and_a_mismatch_stands_out():
+    same = {**report("sym40-ce-g0-s0"), "checkpoint_run": {"rerun": True, "commit": "5b0ed6fabc",
+                                                           "reproduces_committed_result": True}}
+    other = {**report("sym60-ce-g0-s0"), "checkpoint_run": {"rerun": True, "commit": "5b0ed6fabc",
+                                                            "reproduces_committed_result": False,
+                                                            "rerun_test_top1_last": 47.0}}
+    kept = {**report("sym80-ce-g0-s0"), "checkpoint_run": {"rerun": False}}
+    lines = diagnosis_lines([same, other, kept, report("sym20-ce-g0-s0")])
+    notes = [line for line in lines if line.startswith("* ")]
+    assert len(notes) == 2
+    assert "sym40-ce-g0-s0" in notes[0] and "5b0ed6f;" in notes[0] and "reproduced" in notes[0]
+    assert "sym60-ce-g0-s0" in notes[1] and "NOT reproduce" in notes[1] and "47.00" in notes[1]
