@@ -90,8 +90,8 @@ def test_diagnose_retrains_a_missing_run_folder_and_checks_it_reproduces(results
     is the bookkeeping, that a rerun happens only when needed and a mismatch is recorded."""
     cell = ("sym60", "ce", 0, 0)
     name = sweep.cell_name(*cell)
-    results(cell, noisy_val=25.9, test=48.75)
-    committed = sweep.result_path(name).read_text()
+    committed = json.dumps({"test_top1_last": 48.75, "noisy_val_top1_last": 25.9, "test_ece_last": None})
+    sweep.write_atomic(sweep.result_path(name), committed)
     ran = []
 
     def fake_command(*c):
@@ -104,8 +104,6 @@ def test_diagnose_retrains_a_missing_run_folder_and_checks_it_reproduces(results
     rerun_numbers = {"test_top1_last": 48.75, "noisy_val_top1_last": 25.9, "test_ece_last": None, "commit": "abc"}
     monkeypatch.setattr(sweep, "command", fake_command)
     monkeypatch.setattr(sweep, "summarize_run", lambda *a: dict(rerun_numbers))
-    sweep.write_atomic(sweep.result_path(name), json.dumps({**json.loads(committed), "test_ece_last": None}))
-    committed = sweep.result_path(name).read_text()
 
     report = sweep.ensure_run_folder(cell)
     assert ran == [cell] and (sweep.RUNS / name / "checkpoints").is_dir()
