@@ -44,6 +44,29 @@ def write_split(out: Path, split: str, images, labels, per_shard: int) -> Path:
     return out
 
 
+@pytest.fixture(scope="session", autouse=True)
+def subprocess_tmpdir(tmp_path_factory):
+    """TMPDIR for every process the tests start, removed when the session ends.
+
+    Launchers and trainers that a test SIGKILLs cannot remove their own temporary folders
+    (torchrun's ``torchelastic_*``, multiprocessing's ``pymp-*``, the inductor cache), so
+    they are made inside pytest's own temporary tree instead of the machine's /tmp."""
+    import os
+    import shutil
+
+    path = tmp_path_factory.mktemp("tmp")
+    saved = os.environ.get("TMPDIR")
+    os.environ["TMPDIR"] = str(path)
+    try:
+        yield path
+    finally:
+        if saved is None:
+            os.environ.pop("TMPDIR", None)
+        else:
+            os.environ["TMPDIR"] = saved
+        shutil.rmtree(path, ignore_errors=True)
+
+
 @pytest.fixture(scope="session")
 def fmnist_small(tmp_path_factory):
     """Clean real Fashion-MNIST shards: train 3 shards (107 + 107 + 106 images, so they do
