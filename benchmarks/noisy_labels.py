@@ -259,6 +259,7 @@ def cmd_run(args) -> int:
 
 DIAGNOSED = RESULTS / "diagnose"
 DIAGNOSE_METHODS = ("ce", "nrd")  # CE's student against NRD's teacher
+DIAGNOSE_VIEWS = 10  # teacher-augmentation views per training sample (Table 1's ensembling)
 
 
 def cmd_diagnose(args) -> int:
@@ -276,7 +277,7 @@ def cmd_diagnose(args) -> int:
         checkpoint_run = ensure_run_folder(cell)
         out = RUNS / name / "diagnose"
         if not target.exists():
-            cmd = [sys.executable, "tools/diagnose.py", str(RUNS / name), "--views", "10", "--out", str(out)]
+            cmd = [sys.executable, "tools/diagnose.py", str(RUNS / name), "--views", str(DIAGNOSE_VIEWS), "--out", str(out)]
             print(f"[sweep] diagnose {name}", flush=True)
             subprocess.run(cmd, cwd=REPO, check=True, stdout=subprocess.DEVNULL)
             report = json.loads((out / "diagnose.json").read_text())
@@ -289,7 +290,7 @@ def cmd_diagnose(args) -> int:
         report = json.loads(target.read_text())
         if "find_mislabeled" not in report:
             csv = out / "mislabeled.csv"
-            cmd = [sys.executable, "tools/find_mislabeled.py", str(RUNS / name), "--views", "10", "--out", str(csv)]
+            cmd = [sys.executable, "tools/find_mislabeled.py", str(RUNS / name), "--views", str(DIAGNOSE_VIEWS), "--out", str(csv)]
             print(f"[sweep] find_mislabeled {name}", flush=True)
             subprocess.run(cmd, cwd=REPO, check=True, stdout=subprocess.DEVNULL)
             summary = json.loads(csv.with_name(csv.stem + ".summary.json").read_text())

@@ -80,6 +80,19 @@ def fmnist_small(tmp_path_factory):
             "test": str(root / "test" / "test-{000000..000001}.tar"), "test_count": 247}
 
 
+@pytest.fixture(scope="session")
+def nrd_run(fmnist_small, tmp_path_factory):
+    """A 2-epoch NRD run (40% symmetric load-time noise) with a teacher, trained by the
+    real entry point: what the diagnostics tools and the sweep's ``diagnose`` read."""
+    out = tmp_path_factory.mktemp("diagnostics") / "run"
+    proc = run_train([REPO / "configs" / "fmnist_demo.yaml", f"data.train={fmnist_small['train']}",
+                      f"data.val.fmnist_test={fmnist_small['test']}", f"run.output_dir={out}", "data.noise.rate=0.4",
+                      "optim.epochs=2", "data.batch_size=32", "data.workers=1", "eval.label_correction_samples=0",
+                      "eval.every_epochs=2", "checkpoint.every_steps=1000", "log.every_steps=10"])
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return out
+
+
 def run_train(args, cwd=REPO, timeout=600):
     """The real entry point in a fresh interpreter."""
     return subprocess.run([sys.executable, "-m", "nrd_dist.train", *map(str, args)], cwd=cwd,

@@ -16,7 +16,7 @@ import pytest
 import torch
 from PIL import Image
 
-from conftest import REPO, run_train
+from conftest import REPO
 from nrd_dist.config import load_config, to_dict
 from nrd_dist.data.noise import apply_noise
 from nrd_dist.data.shards import expand_urls
@@ -25,7 +25,6 @@ from nrd_dist.metrics import auroc
 from nrd_dist.models import build_model
 from nrd_dist.tools.export_model import export_state
 
-DEMO = REPO / "configs" / "fmnist_demo.yaml"
 VIEWS = 3
 
 
@@ -57,18 +56,6 @@ def read_shard_samples(pattern):
 def run_tool(name, *args):
     return subprocess.run([sys.executable, str(REPO / "tools" / f"{name}.py"), *map(str, args)], cwd=REPO,
                           capture_output=True, text=True, timeout=300)
-
-
-@pytest.fixture(scope="module")
-def nrd_run(fmnist_small, tmp_path_factory):
-    """A 2-epoch NRD run (40% symmetric load-time noise) with a teacher, trained by the real entry point."""
-    out = tmp_path_factory.mktemp("diagnostics") / "run"
-    proc = run_train([DEMO, f"data.train={fmnist_small['train']}", f"data.val.fmnist_test={fmnist_small['test']}",
-                      f"run.output_dir={out}", "data.noise.rate=0.4", "optim.epochs=2", "data.batch_size=32",
-                      "data.workers=1", "eval.label_correction_samples=0", "eval.every_epochs=2",
-                      "checkpoint.every_steps=1000", "log.every_steps=10"])
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    return out
 
 
 @pytest.fixture(scope="module")

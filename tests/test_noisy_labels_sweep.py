@@ -1,9 +1,11 @@
 """The sweep's planning (benchmarks/noisy_labels.py): which cells exist, in what order,
-which grid entry the selection picks, and that a finished cell is never rerun. Pure
-bookkeeping over result files in a temporary folder: a real cell is a 6-10 minute
-training run, and the committed cells in docs/results/cells are those runs."""
+which grid entry the selection picks, and that a finished cell is never rerun: bookkeeping
+over result files in a temporary folder, since a real cell is a 6-10 minute training run
+(the committed cells in docs/results/cells are those runs). ``diagnose`` runs the real
+tools on a small real run standing in for a cell's run folder."""
 
 import json
+import shutil
 import sys
 from collections import Counter
 
@@ -124,3 +126,37 @@ def test_diagnose_rerun_failure_names_the_cell_and_its_log(results, monkeypatch)
     monkeypatch.setattr(sweep, "command", lambda *c: [sys.executable, "-c", "raise SystemExit(3)"])
     with pytest.raises(RuntimeError, match=r"rerunning sym40-nrd-g1-s0 .*exit 3.*diagnose-rerun\.log"):
         sweep.ensure_run_folder(cell)
+
+
+def test_diagnose_runs_both_tools_on_each_finished_ce_and_nrd_cell_once(results, nrd_run, monkeypatch, tmp_path):
+    """``diagnose`` end to end with the real tools on a real small NRD run standing in for the
+    cell's run folder (a real cell trains for minutes): Table 1 and the ranking land in the
+    cell's diagnosis file with their commands and plots; cells of other methods or seeds
+    and unfinished ones are left alone; a second call runs nothing."""
+    cell = ("sym40", "nrd", 0, 0)
+    name = sweep.cell_name(*cell)
+    for finished in (cell, ("sym40", "gjs", 0, 0), ("sym40", "nrd", 0, 1)):
+        results(finished)
+    shutil.copytree(nrd_run, sweep.RUNS / name, ignore=shutil.ignore_patterns("diag", "ranking"))
+    monkeypatch.setattr(sweep, "DIAGNOSED", tmp_path / "diagnosed")
+    monkeypatch.setattr(sweep, "DIAGNOSE_VIEWS", 2)  # 10 in the sweep; what is tested is the wiring
+    monkeypatch.setattr(sweep, "plan", lambda: [("sym40", "ce", 0, 0), ("sym40", "gjs", 0, 0), cell,
+                                                 ("sym40", "nrd", 0, 1)])
+
+    assert sweep.cmd_diagnose(None) == 0
+    assert sorted(p.name for p in sweep.DIAGNOSED.glob("*.json")) == [f"{name}.json"]
+    report = json.loads((sweep.DIAGNOSED / f"{name}.json").read_text())
+    assert report["cell"] == name and report["checkpoint_run"] == {"rerun": False}  # its folder was here
+    assert report["command"].startswith("tools/diagnose.py ") and "--views 2" in report["command"]
+    assert report["views"] == 2 and report["counts"] and report["table1"]
+    ranking = report["find_mislabeled"]
+    assert ranking["command"].startswith("tools/find_mislabeled.py ") and 0.0 <= ranking["auroc"] <= 1.0
+    assert ranking["at_k"] and ranking["mislabeled"] > 0  # 40% noise: the ranking has positives
+    assert {p.name for p in sweep.DIAGNOSED.glob("*.png")} == \
+        {f"{name}-log_likelihood_student.png", f"{name}-log_likelihood_teacher.png"}
+
+    def must_not_run(*args, **kwargs):
+        raise AssertionError(f"a finished diagnosis ran again: {args}")
+
+    monkeypatch.setattr(sweep.subprocess, "run", must_not_run)
+    assert sweep.cmd_diagnose(None) == 0
