@@ -45,26 +45,34 @@ def write_split(out: Path, split: str, images, labels, per_shard: int) -> Path:
 
 
 @pytest.fixture(scope="session", autouse=True)
-def subprocess_tmpdir(tmp_path_factory):
-    """TMPDIR for every process the tests start, removed when the session ends.
+def temporary_folders(tmp_path_factory, request):
+    """Every temporary folder of the session goes when it ends, passed or failed.
 
-    Launchers and trainers that a test SIGKILLs cannot remove their own temporary folders
-    (torchrun's ``torchelastic_*``, multiprocessing's ``pymp-*``, the inductor cache), so
-    they are made inside pytest's own temporary tree instead of the machine's /tmp."""
+    * TMPDIR (for the processes the tests start) and ``tempfile.tempdir`` (for this one)
+      point inside pytest's session folder: launchers and trainers that a test SIGKILLs
+      cannot remove their own (torchrun's ``torchelastic_*``, multiprocessing's
+      ``pymp-*``), and the inductor cache of the compiled tests lands there too.
+    * The session folder itself is removed at the end, unless ``--basetemp`` named it.
+      (pytest's retention policy "none" would remove it as well, but it also drops the
+      lock that stops a concurrent session, e.g. another worktree's ``make test``, from
+      deleting this session's folders while it runs.)"""
     import os
     import shutil
+    import tempfile
 
     path = tmp_path_factory.mktemp("tmp")
-    saved = os.environ.get("TMPDIR")
-    os.environ["TMPDIR"] = str(path)
+    saved = os.environ.get("TMPDIR"), tempfile.tempdir
+    os.environ["TMPDIR"] = tempfile.tempdir = str(path)
     try:
         yield path
     finally:
-        if saved is None:
+        if saved[0] is None:
             os.environ.pop("TMPDIR", None)
         else:
-            os.environ["TMPDIR"] = saved
-        shutil.rmtree(path, ignore_errors=True)
+            os.environ["TMPDIR"] = saved[0]
+        tempfile.tempdir = saved[1]
+        given = request.config.option.basetemp is not None
+        shutil.rmtree(path if given else tmp_path_factory.getbasetemp(), ignore_errors=True)
 
 
 @pytest.fixture(scope="session")

@@ -244,7 +244,7 @@ def test_torchrun_restarts_a_killed_worker_and_the_result_is_bitwise_identical(f
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("engine", list(ENGINES))  # ZeRO-1/2 moves: test_zero_state_moves_...
+@pytest.mark.parametrize("engine", list(ENGINES))  # ZeRO-1/2 shrinking: test_zero_state_moves_...
 def test_elastic_survivor_continues_at_the_smaller_world_size(fmnist_small, tmp_path, processes, engine):
     """torchrun --nnodes 1:2: two agents form the job; one agent (and its worker) is
     killed; the survivor re-forms the job alone and finishes from the last checkpoint
@@ -288,7 +288,7 @@ def test_elastic_survivor_continues_at_the_smaller_world_size(fmnist_small, tmp_
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("stage,saved_by,loaded_by", [(1, 2, 1), (2, 2, 3), (3, 2, 3)])
+@pytest.mark.parametrize("stage,saved_by,loaded_by", [(1, 2, 1), (2, 2, 1), (2, 2, 3), (3, 2, 3)])
 def test_zero_state_moves_to_another_world_size_exactly(tmp_path, processes, stage, saved_by, loaded_by):
     """ZeRO partitions written by one number of ranks, loaded by another (3 ranks: the
     parameters' sizes are not multiples of 3, so the last partition is padded). The
