@@ -262,6 +262,11 @@ DIAGNOSE_METHODS = ("ce", "nrd")  # CE's student against NRD's teacher
 DIAGNOSE_VIEWS = 10  # teacher-augmentation views per training sample (Table 1's ensembling)
 
 
+def diagnostics_command(tool: str, name: str, out: Path) -> list[str]:
+    """tools/diagnose.py or tools/find_mislabeled.py on a cell's run folder."""
+    return [sys.executable, f"tools/{tool}.py", str(RUNS / name), "--views", str(DIAGNOSE_VIEWS), "--out", str(out)]
+
+
 def cmd_diagnose(args) -> int:
     """tools/diagnose.py and tools/find_mislabeled.py on each finished CE and NRD cell of
     seed 0: Table 1, the AUROC of detecting mislabeled training samples, and precision@k
@@ -277,7 +282,7 @@ def cmd_diagnose(args) -> int:
         checkpoint_run = ensure_run_folder(cell)
         out = RUNS / name / "diagnose"
         if not target.exists():
-            cmd = [sys.executable, "tools/diagnose.py", str(RUNS / name), "--views", str(DIAGNOSE_VIEWS), "--out", str(out)]
+            cmd = diagnostics_command("diagnose", name, out)
             print(f"[sweep] diagnose {name}", flush=True)
             subprocess.run(cmd, cwd=REPO, check=True, stdout=subprocess.DEVNULL)
             report = json.loads((out / "diagnose.json").read_text())
@@ -290,7 +295,7 @@ def cmd_diagnose(args) -> int:
         report = json.loads(target.read_text())
         if "find_mislabeled" not in report:
             csv = out / "mislabeled.csv"
-            cmd = [sys.executable, "tools/find_mislabeled.py", str(RUNS / name), "--views", str(DIAGNOSE_VIEWS), "--out", str(csv)]
+            cmd = diagnostics_command("find_mislabeled", name, csv)
             print(f"[sweep] find_mislabeled {name}", flush=True)
             subprocess.run(cmd, cwd=REPO, check=True, stdout=subprocess.DEVNULL)
             summary = json.loads(csv.with_name(csv.stem + ".summary.json").read_text())

@@ -7,6 +7,7 @@ tools on a small real run standing in for a cell's run folder."""
 import json
 import shutil
 import sys
+import types
 from collections import Counter
 
 import pytest
@@ -158,5 +159,5 @@ def test_diagnose_runs_both_tools_on_each_finished_ce_and_nrd_cell_once(results,
     def must_not_run(*args, **kwargs):
         raise AssertionError(f"a finished diagnosis ran again: {args}")
 
-    monkeypatch.setattr(sweep.subprocess, "run", must_not_run)
+    monkeypatch.setattr(sweep, "subprocess", types.SimpleNamespace(run=must_not_run))
     assert sweep.cmd_diagnose(None) == 0
