@@ -287,23 +287,41 @@ def test_elastic_survivor_continues_at_the_smaller_world_size(fmnist_small, tmp_
     assert final_state(out)["world_size"] == 1
 
 
+ZERO_MOVES = [(1, 2, 1), (2, 2, 1), (2, 2, 3), (3, 2, 3)]  # (stage, saved by, loaded by) ranks
+
+
+@pytest.fixture(scope="module")
+def zero_moves(tmp_path_factory):
+    """The states of ZERO_MOVES, written and loaded by real torchrun launches: one launch
+    per world size, each running all of its stages (a DeepSpeed start costs ~10 s here)."""
+    from conftest import ProcessGroup, free_port
+
+    out = tmp_path_factory.mktemp("zero_moves")
+    launches = [("save", 2, sorted({stage for stage, by, _ in ZERO_MOVES if by == 2}))]
+    launches += [("load", ranks, sorted({stage for stage, _, by in ZERO_MOVES if by == ranks}))
+                 for ranks in sorted({by for _, _, by in ZERO_MOVES})]
+    processes = ProcessGroup()
+    try:
+        for mode, ranks, stages in launches:
+            cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(ranks), "--master-addr",
+                   "127.0.0.1", "--master-port", free_port(), "tests/dist/zero_portable.py", mode, out, *stages]
+            proc = processes.start(cmd, out / f"{mode}-{ranks}.log")
+            assert processes.wait_all(timeout=300)[-1] == 0, read_tail(proc.log_path)
+    finally:
+        processes.stop()
+    return out
+
+
 @pytest.mark.slow
-@pytest.mark.parametrize("stage,saved_by,loaded_by", [(1, 2, 1), (2, 2, 1), (2, 2, 3), (3, 2, 3)])
-def test_zero_state_moves_to_another_world_size_exactly(tmp_path, processes, stage, saved_by, loaded_by):
+@pytest.mark.parametrize("stage,saved_by,loaded_by", ZERO_MOVES)
+def test_zero_state_moves_to_another_world_size_exactly(zero_moves, stage, saved_by, loaded_by):
     """ZeRO partitions written by one number of ranks, loaded by another (3 ranks: the
     parameters' sizes are not multiples of 3, so the last partition is padded). The
     loaded weights and momentum round-trip exactly, and the next step equals plain torch
     SGD from the same weights and momentum on the same global batch."""
-    from conftest import free_port
-
     from nrd_dist.models import build_model
 
-    out = tmp_path / "state"
-    for mode, ranks in (("save", saved_by), ("load", loaded_by)):
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(ranks), "--master-addr",
-               "127.0.0.1", "--master-port", free_port(), "tests/dist/zero_portable.py", mode, out, str(stage)]
-        proc = processes.start(cmd, tmp_path / f"{mode}.log")
-        assert processes.wait_all(timeout=300)[-1] == 0, read_tail(proc.log_path)
+    out = zero_moves / f"stage{stage}"
     saved = torch.load(out / "portable.pt", weights_only=True)
     loaded = torch.load(out / f"after_load_{loaded_by}.pt", weights_only=True)
     momentum = saved["optimizer_state"]["momentum_buffer"]

@@ -1,15 +1,18 @@
 """ZeRO state across world sizes, with real DeepSpeed engines.
 
-    python tests/dist/zero_portable.py save OUT STAGE     (under torchrun, any world size)
-    python tests/dist/zero_portable.py load OUT STAGE     (under torchrun, another world size)
+    python tests/dist/zero_portable.py save OUT STAGE [STAGE ...]  (under torchrun, any world size)
+    python tests/dist/zero_portable.py load OUT STAGE [STAGE ...]  (under torchrun, another world size)
+
+For each STAGE in turn (one process group, a fresh model and DeepSpeed engine per
+stage, so one launch serves several stages), under OUT/stage{STAGE}:
 
 ``save``: 3 SGD steps (momentum, weight decay) on the global batch split over the ranks,
-then writes the gathered portable state to OUT/portable.pt and the global batch of a 4th
-step to OUT/batch.pt.
+then writes the gathered portable state to portable.pt and the global batch of a 4th
+step to batch.pt.
 
 ``load``: a fresh engine on another number of ranks loads the portable state, gathers it
 again (must round-trip exactly), takes the 4th step, and writes the gathered weights to
-OUT/after_load_{world}.pt. The test compares that step with plain torch SGD from the same
+after_load_{world}.pt. The test compares that step with plain torch SGD from the same
 weights and momentum.
 """
 
@@ -52,7 +55,7 @@ def step(engine, world, number):
     engine.step(loss)
 
 
-def main(mode: str, out: Path, stage: int) -> None:
+def run_stage(mode: str, out: Path, stage: int):
     engine, world = build(stage)
     if mode == "save":
         for number in range(3):
@@ -71,8 +74,14 @@ def main(mode: str, out: Path, stage: int) -> None:
         if engine.is_main:
             torch.save({"round_trip": again, "after_step": after}, out / f"after_load_{world}.pt")
     engine.barrier()
-    engine.close()
+    return engine
+
+
+def main(mode: str, out: Path, stages: list[int]) -> None:
+    for stage in stages:
+        engine = run_stage(mode, out / f"stage{stage}", stage)
+    engine.close()  # the process group, shared by the stages' engines
 
 
 if __name__ == "__main__":
-    main(sys.argv[1], Path(sys.argv[2]), int(sys.argv[3]))
+    main(sys.argv[1], Path(sys.argv[2]), [int(s) for s in sys.argv[3:]])
