@@ -45,34 +45,54 @@ def write_split(out: Path, split: str, images, labels, per_shard: int) -> Path:
 
 
 @pytest.fixture(scope="session", autouse=True)
-def temporary_folders(tmp_path_factory, request):
+def temporary_folders(tmp_path_factory):
     """Every temporary folder of the session goes when it ends, passed or failed.
 
     * TMPDIR (for the processes the tests start) and ``tempfile.tempdir`` (for this one)
       point inside pytest's session folder: launchers and trainers that a test SIGKILLs
       cannot remove their own (torchrun's ``torchelastic_*``, multiprocessing's
-      ``pymp-*``), and the inductor cache of the compiled tests lands there too.
-    * The session folder itself is removed at the end, unless ``--basetemp`` named it.
-      (pytest's retention policy "none" would remove it as well, but it also drops the
-      lock that stops a concurrent session, e.g. another worktree's ``make test``, from
-      deleting this session's folders while it runs.)"""
+      ``pymp-*``), and so does the inductor cache of the compiled tests.
+    * This folder goes when the session ends; pytest's whole session folder then goes
+      in ``pytest_sessionfinish`` below."""
     import os
     import shutil
     import tempfile
 
     path = tmp_path_factory.mktemp("tmp")
-    saved = os.environ.get("TMPDIR"), tempfile.tempdir
-    os.environ["TMPDIR"] = tempfile.tempdir = str(path)
+    # Inductor's cache is named explicitly: inductor fixes its folder in the environment
+    # the first time it is asked, and a suite run was seen leaving one in /tmp (so later
+    # runs on that machine compiled warm, unlike CI's).
+    redirected = {"TMPDIR": str(path), "TORCHINDUCTOR_CACHE_DIR": str(path / "torchinductor")}
+    saved = {name: os.environ.get(name) for name in redirected}, tempfile.tempdir
+    os.environ.update(redirected)
+    tempfile.tempdir = str(path)
     try:
         yield path
     finally:
-        if saved[0] is None:
-            os.environ.pop("TMPDIR", None)
-        else:
-            os.environ["TMPDIR"] = saved[0]
+        for name, value in saved[0].items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
         tempfile.tempdir = saved[1]
-        given = request.config.option.basetemp is not None
-        shutil.rmtree(path if given else tmp_path_factory.getbasetemp(), ignore_errors=True)
+        shutil.rmtree(path, ignore_errors=True)
+
+
+def pytest_sessionfinish(session):
+    """pytest's session folder is removed at the end, passed or failed, unless
+    ``--basetemp`` named it. Under pytest-xdist (``make test``) the controller names each
+    worker's folder inside its own with ``--basetemp``, so the controller removes them all.
+    (pytest's retention policy "none" would remove it as well, but it also drops the lock
+    that stops a concurrent session, e.g. another worktree's ``make test``, from deleting
+    this session's folders while it runs.)"""
+    import shutil
+
+    config = session.config
+    if hasattr(config, "workerinput") or config.option.basetemp is not None:
+        return  # an xdist worker (its controller removes the folder) or a folder the user named
+    factory = getattr(config, "_tmp_path_factory", None)  # pytest's own, as the fixture returns it
+    if factory is not None:
+        shutil.rmtree(factory.getbasetemp(), ignore_errors=True)
 
 
 @pytest.fixture(scope="session")
