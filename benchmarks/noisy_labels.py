@@ -39,9 +39,16 @@ Protocol, fixed before any result was seen:
 * Resumable: each finished cell writes ``docs/results/cells/CELL.json`` at once and is
   never rerun; an interrupted cell resumes from its own checkpoint
   (``runs/sweep-v2/CELL/``).
-* Diagnostics (``diagnose``) need a cell's checkpoint; run folders are not committed, so
-  where one is missing the cell's exact command trains it again, and the diagnosis
-  records whether that retraining reproduced the committed last-epoch numbers.
+* Diagnostics (``diagnose``) run on one seed per CE and NRD cell and need its checkpoint;
+  run folders are not committed, so a seed whose run folder is on the machine is taken
+  first; failing that, seed 0's exact command trains it again (with the thread count
+  the cell recorded, ``omp_num_threads``), and the diagnosis records whether that
+  retraining reproduced the committed last-epoch numbers.
+* Threads: cells from sym60-gjs seed 1 on ran two at a time with one thread each
+  (``OMP_NUM_THREADS=1``, recorded in the cell as ``omp_num_threads``): on 2 cores a
+  GJS cell alone on two threads trained 230 images/s, while beside a CE cell, each on
+  one thread, GJS trained about 170/s and CE about 320/s at once. It changes the wall
+  times (each such cell's ``note`` says so), not the protocol.
 
 Versions: v1 (``docs/results/v1/``, commit 1b5b124) was stopped at 43 of 59 cells when
 its ``small_cnn`` turned out to lose every hidden unit (dead ReLUs) under 60-80% noise
@@ -216,14 +223,15 @@ def write_atomic(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
-def train(cell: tuple[str, str, int, int], log: Path, failure: str) -> dict:
-    """Runs the cell's training command into its run folder (output to ``log``) and
-    summarizes the run; raises with ``failure``, the exit status and the log on failure."""
+def train(cell: tuple[str, str, int, int], log: Path, failure: str, env: Optional[dict] = None) -> dict:
+    """Runs the cell's training command into its run folder (output to ``log``, environment
+    ``env`` or this one) and summarizes the run; raises with ``failure``, the exit status
+    and the log on failure."""
     cmd = command(*cell)
     log.parent.mkdir(parents=True, exist_ok=True)
     started = time.time()
     with open(log, "a") as f:
-        proc = subprocess.run(cmd, cwd=REPO, stdout=f, stderr=subprocess.STDOUT)
+        proc = subprocess.run(cmd, cwd=REPO, stdout=f, stderr=subprocess.STDOUT, env=env)
     if proc.returncode != 0:
         raise RuntimeError(f"{failure} (exit {proc.returncode}); see {log}")
     return summarize_run(cell_name(*cell), cell, cmd, time.time() - started)
@@ -267,16 +275,40 @@ def diagnostics_command(tool: str, name: str, out: Path) -> list[str]:
     return [sys.executable, f"tools/{tool}.py", str(RUNS / name), "--views", str(DIAGNOSE_VIEWS), "--out", str(out)]
 
 
-def cmd_diagnose(args) -> int:
-    """tools/diagnose.py and tools/find_mislabeled.py on each finished CE and NRD cell of
-    seed 0: Table 1, the AUROC of detecting mislabeled training samples, and precision@k
-    of the ranking a user would clean their data with, per noise setting."""
+def diagnosis_cells(only: str = "") -> list[tuple[str, str, int, int]]:
+    """One finished cell per (setting, method, grid entry) of CE and NRD to diagnose: the one
+    already diagnosed if there is one; else the lowest seed whose run folder is on this
+    machine (run folders are not committed, and retraining a cell costs as long as running
+    it); else seed 0, which ``ensure_run_folder`` trains again."""
+    chosen: dict[tuple[str, str, int], list[tuple[str, str, int, int]]] = {}
     for cell in plan():
+        setting, method, index, _ = cell
+        if method in DIAGNOSE_METHODS and load_result(cell_name(*cell)) is not None:
+            chosen.setdefault((setting, method, index), []).append(cell)
+    picked = []
+    for finished in chosen.values():
+        finished.sort(key=lambda c: c[3])
+        pick = (next((c for c in finished if (DIAGNOSED / f"{cell_name(*c)}.json").exists()), None)
+                or next((c for c in finished if has_run_folder(cell_name(*c))), None)
+                or (finished[0] if finished[0][3] == 0 else None))
+        if pick is not None and cell_name(*pick).startswith(only):
+            picked.append(pick)
+    return picked
+
+
+def has_run_folder(name: str) -> bool:
+    # summary.json is written last: a run cut short has checkpoints but no summary
+    return (RUNS / name / "checkpoints").is_dir() and (RUNS / name / "summary.json").exists()
+
+
+def cmd_diagnose(args) -> int:
+    """tools/diagnose.py and tools/find_mislabeled.py on one finished seed of each CE and NRD
+    cell (``diagnosis_cells``): Table 1, the AUROC of detecting mislabeled training samples,
+    and precision@k of the ranking a user would clean their data with, per noise setting."""
+    for cell in diagnosis_cells(getattr(args, "only", None) or ""):
         setting, method, _, seed = cell
         name = cell_name(*cell)
         target = DIAGNOSED / f"{name}.json"
-        if method not in DIAGNOSE_METHODS or seed != 0 or load_result(name) is None:
-            continue
         if target.exists() and "find_mislabeled" in json.loads(target.read_text()):
             continue
         checkpoint_run = ensure_run_folder(cell)
@@ -314,10 +346,14 @@ def ensure_run_folder(cell: tuple[str, str, int, int]) -> dict:
     different model than the table. The committed result itself is never replaced."""
     name = cell_name(*cell)
     committed = load_result(name)
-    if (RUNS / name / "checkpoints").is_dir() and (RUNS / name / "summary.json").exists():
-        return {"rerun": False}  # summary.json comes last: a rerun cut short resumes below
+    if has_run_folder(name):
+        return {"rerun": False}  # a rerun cut short (no summary.json) resumes below
     print(f"[sweep] diagnose {name}: no run folder here; training it again (deterministic) ...", flush=True)
-    rerun = train(cell, RUNS / f"{name}.diagnose-rerun.log", f"rerunning {name} for the diagnosis failed")
+    # CPU kernels reduce in an order that depends on the thread count: a cell run with one
+    # thread per process (two cells at a time) reproduces only with one thread again.
+    threads = committed.get("omp_num_threads")
+    rerun = train(cell, RUNS / f"{name}.diagnose-rerun.log", f"rerunning {name} for the diagnosis failed",
+                  env={**os.environ, "OMP_NUM_THREADS": str(threads)} if threads else None)
     keys = ("test_top1_last", "noisy_val_top1_last", "test_ece_last")
     same = all(rerun[k] == committed[k] for k in keys)
     if not same:
@@ -370,7 +406,9 @@ def main(argv: Optional[list[str]] = None) -> int:
     run.add_argument("--commit", action="store_true", help="git-commit each result file as it is written")
     sub.add_parser("list", help="cells and their state")
     sub.add_parser("table", help="write docs/results/README.md and the plots from the finished cells")
-    sub.add_parser("diagnose", help="tools/diagnose.py and tools/find_mislabeled.py on the finished CE and NRD cells (seed 0)")
+    diagnose = sub.add_parser("diagnose", help="tools/diagnose.py and tools/find_mislabeled.py on one finished seed "
+                                               "of each CE and NRD cell")
+    diagnose.add_argument("--only", help="only cells whose name starts with this (e.g. sym60-nrd)")
     args = parser.parse_args(argv)
     return {"run": cmd_run, "list": cmd_list, "table": cmd_table, "diagnose": cmd_diagnose}[args.what](args)
 

@@ -161,3 +161,54 @@ def test_diagnose_runs_both_tools_on_each_finished_ce_and_nrd_cell_once(results,
 
     monkeypatch.setattr(sweep, "subprocess", types.SimpleNamespace(run=must_not_run))
     assert sweep.cmd_diagnose(None) == 0
+
+
+def test_diagnosis_takes_a_seed_whose_run_folder_is_here_before_retraining_seed_0(results, monkeypatch, tmp_path):
+    """Retraining a cell for its checkpoint costs as long as the cell: a seed whose run
+    folder is on this machine is diagnosed instead, one seed per cell, and a cell already
+    diagnosed at some seed keeps that seed."""
+    monkeypatch.setattr(sweep, "DIAGNOSED", tmp_path / "diagnosed")
+    sixty = [("sym60", "nrd", 0, seed) for seed in (0, 1, 2)]
+    eighty = ("sym80", "nrd", 0, 0)
+    monkeypatch.setattr(sweep, "plan", lambda: [("sym60", "gjs", 0, 0), *sixty, eighty, ("sym80", "ce", 0, 1)])
+    for cell in (*sixty, eighty, ("sym60", "gjs", 0, 0), ("sym80", "ce", 0, 1)):
+        results(cell)
+
+    def run_folder(cell):
+        run = sweep.RUNS / sweep.cell_name(*cell)
+        (run / "checkpoints").mkdir(parents=True)
+        (run / "summary.json").write_text("{}")
+
+    # no run folder anywhere: seed 0 (retrained); sym80 CE has only seed 1 done: nothing yet
+    assert sweep.diagnosis_cells() == [sixty[0], eighty]
+    run_folder(sixty[2])
+    (sweep.RUNS / sweep.cell_name(*sixty[1]) / "checkpoints").mkdir(parents=True)  # cut short: no summary
+    assert sweep.diagnosis_cells() == [sixty[2], eighty]
+    assert sweep.diagnosis_cells("sym80") == [eighty]
+    sweep.write_atomic(sweep.DIAGNOSED / f"{sweep.cell_name(*sixty[0])}.json", "{}")
+    assert sweep.diagnosis_cells() == [sixty[0], eighty]  # diagnosed once: that seed stays
+
+
+def test_a_rerun_uses_the_thread_count_its_cell_recorded(results, monkeypatch):
+    """CPU reductions depend on the thread count: a cell run with OMP_NUM_THREADS=1 is
+    retrained with it. The training command is replaced by one that records its
+    environment (what is tested is the hand-over)."""
+    cell = ("sym40", "nrd", 0, 1)
+    name = sweep.cell_name(*cell)
+    sweep.write_atomic(sweep.result_path(name), json.dumps(
+        {"test_top1_last": 1.0, "noisy_val_top1_last": 1.0, "test_ece_last": 0.1, "omp_num_threads": 1}))
+    seen = sweep.RUNS / "threads.txt"
+
+    def fake_command(*c):
+        run = sweep.RUNS / name
+        return [sys.executable, "-c",
+                f"import os, pathlib; pathlib.Path({str(run / 'checkpoints')!r}).mkdir(parents=True); "
+                f"pathlib.Path({str(run / 'summary.json')!r}).write_text('{{}}'); "
+                f"pathlib.Path({str(seen)!r}).write_text(os.environ.get('OMP_NUM_THREADS', 'unset'))"]
+
+    monkeypatch.setattr(sweep, "command", fake_command)
+    monkeypatch.setattr(sweep, "summarize_run",
+                        lambda *a: {"test_top1_last": 1.0, "noisy_val_top1_last": 1.0, "test_ece_last": 0.1, "commit": "c"})
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    assert sweep.ensure_run_folder(cell)["reproduces_committed_result"]
+    assert seen.read_text() == "1"
