@@ -1,7 +1,7 @@
 """The noisy-label benchmark sweep on Fashion-MNIST (real data, available here).
 
     .venv/bin/python benchmarks/noisy_labels.py run [--only CELL_PREFIX] [--commit]
-    .venv/bin/python benchmarks/noisy_labels.py diagnose     # Table 1, AUROC, precision@k of CE and NRD runs
+    .venv/bin/python benchmarks/noisy_labels.py diagnose [--only CELL_PREFIX]  # Table 1, AUROC, precision@k of CE and NRD runs
     .venv/bin/python benchmarks/noisy_labels.py table
     .venv/bin/python benchmarks/noisy_labels.py list
 
