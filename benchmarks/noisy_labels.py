@@ -350,10 +350,13 @@ def ensure_run_folder(cell: tuple[str, str, int, int]) -> dict:
         return {"rerun": False}  # a rerun cut short (no summary.json) resumes below
     print(f"[sweep] diagnose {name}: no run folder here; training it again (deterministic) ...", flush=True)
     # CPU kernels reduce in an order that depends on the thread count: a cell run with one
-    # thread per process (two cells at a time) reproduces only with one thread again.
+    # thread per process (two cells at a time) reproduces only with one thread again, and
+    # a cell that recorded no count ran with torch's default, whatever this shell sets.
     threads = committed.get("omp_num_threads")
-    rerun = train(cell, RUNS / f"{name}.diagnose-rerun.log", f"rerunning {name} for the diagnosis failed",
-                  env={**os.environ, "OMP_NUM_THREADS": str(threads)} if threads else None)
+    env = {k: v for k, v in os.environ.items() if k != "OMP_NUM_THREADS"}
+    if threads:
+        env["OMP_NUM_THREADS"] = str(threads)
+    rerun = train(cell, RUNS / f"{name}.diagnose-rerun.log", f"rerunning {name} for the diagnosis failed", env=env)
     keys = ("test_top1_last", "noisy_val_top1_last", "test_ece_last")
     same = all(rerun[k] == committed[k] for k in keys)
     if not same:

@@ -189,14 +189,17 @@ def test_diagnosis_takes_a_seed_whose_run_folder_is_here_before_retraining_seed_
     assert sweep.diagnosis_cells() == [sixty[0], eighty]  # diagnosed once: that seed stays
 
 
-def test_a_rerun_uses_the_thread_count_its_cell_recorded(results, monkeypatch):
+@pytest.mark.parametrize("recorded,shell,expected", [(1, None, "1"), (None, "1", "unset")])
+def test_a_rerun_uses_the_thread_count_its_cell_recorded(results, monkeypatch, recorded, shell, expected):
     """CPU reductions depend on the thread count: a cell run with OMP_NUM_THREADS=1 is
-    retrained with it. The training command is replaced by one that records its
-    environment (what is tested is the hand-over)."""
+    retrained with it, and one that recorded no count (torch's default) is retrained
+    without it even where the shell sets it. The training command is replaced by one that
+    records its environment (what is tested is the hand-over)."""
     cell = ("sym40", "nrd", 0, 1)
     name = sweep.cell_name(*cell)
     sweep.write_atomic(sweep.result_path(name), json.dumps(
-        {"test_top1_last": 1.0, "noisy_val_top1_last": 1.0, "test_ece_last": 0.1, "omp_num_threads": 1}))
+        {"test_top1_last": 1.0, "noisy_val_top1_last": 1.0, "test_ece_last": 0.1,
+         **({"omp_num_threads": recorded} if recorded else {})}))
     seen = sweep.RUNS / "threads.txt"
 
     def fake_command(*c):
@@ -209,6 +212,9 @@ def test_a_rerun_uses_the_thread_count_its_cell_recorded(results, monkeypatch):
     monkeypatch.setattr(sweep, "command", fake_command)
     monkeypatch.setattr(sweep, "summarize_run",
                         lambda *a: {"test_top1_last": 1.0, "noisy_val_top1_last": 1.0, "test_ece_last": 0.1, "commit": "c"})
-    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    if shell:
+        monkeypatch.setenv("OMP_NUM_THREADS", shell)
+    else:
+        monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
     assert sweep.ensure_run_folder(cell)["reproduces_committed_result"]
-    assert seen.read_text() == "1"
+    assert seen.read_text() == expected
