@@ -1,5 +1,9 @@
 """Checkpoints: atomic writes, exact resume after a real SIGKILL, config checks,
-non-finite handling."""
+non-finite handling.
+
+Tests that share a trained fixture, or belong together, are classes: `make test`
+(pytest-xdist `--dist loadscope`) runs each class, and the module's remaining
+functions, in one worker, so the launches spread over both workers."""
 
 import json
 import os
@@ -58,53 +62,81 @@ def uninterrupted(fmnist_small, tmp_path_factory):
     return run
 
 
-@pytest.mark.slow
-@pytest.mark.parametrize("engine", list(ENGINES))
-def test_sigkill_mid_epoch_then_resume_is_bitwise_identical(fmnist_small, tmp_path, processes, engine,
-                                                             uninterrupted):
-    from nrd_dist.tools.export_model import export_state
+class TestResumeMatchesAnUninterruptedRun:
+    """Checked against one uninterrupted two-epoch run per engine (`uninterrupted`)."""
 
-    reference = uninterrupted(engine)
-    engine = ENGINES[engine]
-    out = tmp_path / "killed"
-    victim = processes.start([sys.executable, "-m", "nrd_dist.train", *args(fmnist_small, out, *engine)],
-                             tmp_path / "a.log")
-    deadline = time.time() + 240
-    while last_step(out) < 8 and victim.poll() is None and time.time() < deadline:
-        time.sleep(0.05)
-    assert victim.poll() is None, "the run ended before it could be killed"
-    os.killpg(victim.pid, signal.SIGKILL)  # the trainer and its DataLoader worker, mid-epoch
-    victim.wait()
-    killed_at = last_step(out)
-    assert 8 <= killed_at < 10  # inside epoch 0 (10 steps per epoch), after the step-6 checkpoint
+    @pytest.mark.slow
+    @pytest.mark.parametrize("engine", list(ENGINES))
+    def test_sigkill_mid_epoch_then_resume_is_bitwise_identical(self, fmnist_small, tmp_path, processes, engine,
+                                                                 uninterrupted):
+        from nrd_dist.tools.export_model import export_state
 
-    proc = run_train(args(fmnist_small, out, *engine))
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    assert "resumed from" in proc.stdout and "at step 6 (epoch 0, batch 6" in proc.stdout
-    assert final_state(reference)["step"] == final_state(out)["step"] == 20
-    for which in ("student", "teacher"):  # consolidated from ZeRO-3 shards where needed
-        a, b = export_state(reference, which), export_state(out, which)
-        assert a.keys() == b.keys()
-        for k in a:
-            assert torch.equal(a[k], b[k]), f"{which} {k}"
-    # metrics.jsonl holds each step once: the redone steps replaced the lost ones
-    steps = [json.loads(line)["step"] for line in (out / "metrics.jsonl").read_text().splitlines()
-             if "loss" in json.loads(line)]
-    assert steps == sorted(set(steps)) and steps[-1] == 20
-    assert len(list((out / "checkpoints").glob("step_*"))) == 3  # checkpoint.keep
+        reference = uninterrupted(engine)
+        engine = ENGINES[engine]
+        out = tmp_path / "killed"
+        victim = processes.start([sys.executable, "-m", "nrd_dist.train", *args(fmnist_small, out, *engine)],
+                                 tmp_path / "a.log")
+        deadline = time.time() + 240
+        while last_step(out) < 8 and victim.poll() is None and time.time() < deadline:
+            time.sleep(0.05)
+        assert victim.poll() is None, "the run ended before it could be killed"
+        os.killpg(victim.pid, signal.SIGKILL)  # the trainer and its DataLoader worker, mid-epoch
+        victim.wait()
+        killed_at = last_step(out)
+        assert 8 <= killed_at < 10  # inside epoch 0 (10 steps per epoch), after the step-6 checkpoint
 
+        proc = run_train(args(fmnist_small, out, *engine))
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        assert "resumed from" in proc.stdout and "at step 6 (epoch 0, batch 6" in proc.stdout
+        assert final_state(reference)["step"] == final_state(out)["step"] == 20
+        for which in ("student", "teacher"):  # consolidated from ZeRO-3 shards where needed
+            a, b = export_state(reference, which), export_state(out, which)
+            assert a.keys() == b.keys()
+            for k in a:
+                assert torch.equal(a[k], b[k]), f"{which} {k}"
+        # metrics.jsonl holds each step once: the redone steps replaced the lost ones
+        steps = [json.loads(line)["step"] for line in (out / "metrics.jsonl").read_text().splitlines()
+                 if "loss" in json.loads(line)]
+        assert steps == sorted(set(steps)) and steps[-1] == 20
+        assert len(list((out / "checkpoints").glob("step_*"))) == 3  # checkpoint.keep
 
-def test_changed_config_refuses_to_resume_unless_forced(fmnist_small, tmp_path, uninterrupted):
-    out = tmp_path / "run"
-    shutil.copytree(uninterrupted("ddp"), out)  # a finished two-epoch run, written to `out`
-    proc = run_train(args(fmnist_small, out, "optim.epochs=3", "loss.name=ce", "data.noise.rate=0.2"))
-    assert proc.returncode != 0
-    assert "checkpoint.resume" in proc.stderr
-    assert "loss.name: checkpoint 'nrd' -> now 'ce'" in proc.stderr
-    assert "data.noise.rate: checkpoint 0.4 -> now 0.2" in proc.stderr
-    proc = run_train(args(fmnist_small, out, "optim.epochs=3"))  # only the length changed: resumes
-    assert proc.returncode == 0 and "resumed from" in proc.stdout, proc.stderr[-2000:]
-    assert final_state(out)["step"] == 30
+    def test_changed_config_refuses_to_resume_unless_forced(self, fmnist_small, tmp_path, uninterrupted):
+        out = tmp_path / "run"
+        shutil.copytree(uninterrupted("ddp"), out)  # a finished two-epoch run, written to `out`
+        proc = run_train(args(fmnist_small, out, "optim.epochs=3", "loss.name=ce", "data.noise.rate=0.2"))
+        assert proc.returncode != 0
+        assert "checkpoint.resume" in proc.stderr
+        assert "loss.name: checkpoint 'nrd' -> now 'ce'" in proc.stderr
+        assert "data.noise.rate: checkpoint 0.4 -> now 0.2" in proc.stderr
+        proc = run_train(args(fmnist_small, out, "optim.epochs=3"))  # only the length changed: resumes
+        assert proc.returncode == 0 and "resumed from" in proc.stdout, proc.stderr[-2000:]
+        assert final_state(out)["step"] == 30
+
+    @pytest.mark.slow
+    @pytest.mark.parametrize("engine", list(ENGINES))
+    def test_export_model_loads_into_the_bare_model_and_reproduces_the_run(self, fmnist_small, tmp_path, engine,
+                                                                           uninterrupted):
+        from nrd_dist.data.augment import build_policy
+        from nrd_dist.data.shards import ShardStream, expand_urls, make_loader
+        from nrd_dist.models import build_model
+
+        out = uninterrupted(engine)
+        summary = json.loads((out / "summary.json").read_text())
+        stream = ShardStream(expand_urls(fmnist_small["test"]), build_policy("fmnist").eval, 10, channels=1,
+                             train=False)
+        images, labels = zip(*[(b["image"], b["label"]) for b in make_loader(stream, 64, 0, drop_last=False)])
+        images, labels = torch.cat(images), torch.cat(labels)
+        for which in ("student", "teacher"):
+            exported = tmp_path / f"{which}.pt"
+            proc = subprocess.run([sys.executable, "tools/export_model.py", out, "--which", which, "--out", exported],
+                                  cwd=REPO, capture_output=True, text=True, timeout=120)
+            assert proc.returncode == 0, proc.stderr[-2000:]
+            model = build_model("small_cnn", 10, 1)
+            model.load_state_dict(torch.load(exported, weights_only=True))  # strict: every key, nothing else
+            model.eval()
+            with torch.no_grad():
+                top1 = 100.0 * int((model(images).argmax(1) == labels).sum()) / len(labels)  # exact, in float64
+            assert top1 == pytest.approx(summary["val"]["fmnist_test"][which]["last_top1"], abs=1e-6)
 
 
 def test_killed_while_writing_leaves_the_previous_checkpoint(fmnist_small, tmp_path):
@@ -161,31 +193,6 @@ def test_nonfinite_loss_policy(fmnist_small, tmp_path, policy):
         assert all(torch.isfinite(v).all() for v in state["student"].values() if v.is_floating_point())
 
 
-@pytest.mark.slow
-@pytest.mark.parametrize("engine", list(ENGINES))
-def test_export_model_loads_into_the_bare_model_and_reproduces_the_run(fmnist_small, tmp_path, engine, uninterrupted):
-    from nrd_dist.data.augment import build_policy
-    from nrd_dist.data.shards import ShardStream, expand_urls, make_loader
-    from nrd_dist.models import build_model
-
-    out = uninterrupted(engine)
-    summary = json.loads((out / "summary.json").read_text())
-    stream = ShardStream(expand_urls(fmnist_small["test"]), build_policy("fmnist").eval, 10, channels=1, train=False)
-    images, labels = zip(*[(b["image"], b["label"]) for b in make_loader(stream, 64, 0, drop_last=False)])
-    images, labels = torch.cat(images), torch.cat(labels)
-    for which in ("student", "teacher"):
-        exported = tmp_path / f"{which}.pt"
-        proc = subprocess.run([sys.executable, "tools/export_model.py", out, "--which", which, "--out", exported],
-                              cwd=REPO, capture_output=True, text=True, timeout=120)
-        assert proc.returncode == 0, proc.stderr[-2000:]
-        model = build_model("small_cnn", 10, 1)
-        model.load_state_dict(torch.load(exported, weights_only=True))  # strict: every key, nothing else
-        model.eval()
-        with torch.no_grad():
-            top1 = 100.0 * int((model(images).argmax(1) == labels).sum()) / len(labels)  # exact, in float64
-        assert top1 == pytest.approx(summary["val"]["fmnist_test"][which]["last_top1"], abs=1e-6)
-
-
 def test_export_errors(tmp_path):
     proc = subprocess.run([sys.executable, "tools/export_model.py", tmp_path, "--out", tmp_path / "x.pt"],
                           cwd=REPO, capture_output=True, text=True, timeout=60)
@@ -202,89 +209,91 @@ def test_export_errors(tmp_path):
     assert proc.returncode == 2 and "step_000000020.tmp: incomplete checkpoint" in proc.stderr
 
 
+class TestLaunchersRecoverFromALostWorker:
+    """torchrun restarts a killed rank; an elastic job shrinks when a node leaves."""
 
-@pytest.mark.slow
-def test_torchrun_restarts_a_killed_worker_and_the_result_is_bitwise_identical(fmnist_small, tmp_path, processes):
-    """torchrun --max-restarts 2 with 2 ranks; one rank is SIGKILLed mid-epoch; the group
-    restarts, resumes from the latest checkpoint and ends bitwise where an uninterrupted
-    run ends."""
-    import psutil
+    @pytest.mark.slow
+    def test_torchrun_restarts_a_killed_worker_and_the_result_is_bitwise_identical(self, fmnist_small, tmp_path,
+                                                                                    processes):
+        """torchrun --max-restarts 2 with 2 ranks; one rank is SIGKILLed mid-epoch; the group
+        restarts, resumes from the latest checkpoint and ends bitwise where an uninterrupted
+        run ends."""
+        import psutil
 
-    from conftest import free_port
+        from conftest import free_port
 
-    def torchrun(port, restarts, out):
-        return [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--rdzv-backend", "c10d",
-                "--rdzv-endpoint", f"127.0.0.1:{port}", "--max-restarts", restarts, "-m", "nrd_dist.train",
-                *[str(a) for a in args(fmnist_small, out, "data.batch_size=8")]]
+        def torchrun(port, restarts, out):
+            return [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--rdzv-backend", "c10d",
+                    "--rdzv-endpoint", f"127.0.0.1:{port}", "--max-restarts", restarts, "-m", "nrd_dist.train",
+                    *[str(a) for a in args(fmnist_small, out, "data.batch_size=8")]]
 
-    reference = tmp_path / "uninterrupted"
-    ref = processes.start(torchrun(free_port(), "0", reference), tmp_path / "ref.log")
-    assert processes.wait_all(timeout=400) == [0], read_tail(ref.log_path)
+        reference = tmp_path / "uninterrupted"
+        ref = processes.start(torchrun(free_port(), "0", reference), tmp_path / "ref.log")
+        assert processes.wait_all(timeout=400) == [0], read_tail(ref.log_path)
 
-    out = tmp_path / "killed"
-    agent = processes.start(torchrun(free_port(), "2", out), tmp_path / "agent.log")
-    deadline = time.time() + 300
-    while last_step(out) < 7 and agent.poll() is None and time.time() < deadline:
-        time.sleep(0.02)
-    workers = [p for p in psutil.Process(agent.pid).children()
-               if "nrd_dist.train" in " ".join(p.cmdline())]
-    assert len(workers) == 2, [p.cmdline() for p in workers]
-    killed_at = last_step(out)
-    workers[1].send_signal(signal.SIGKILL)  # one rank dies mid-epoch (20 steps per epoch)
-    assert 7 <= killed_at < 20
-    assert processes.wait_all(timeout=400) == [0, 0], read_tail(agent.log_path)
-    log = (tmp_path / "agent.log").read_text()
-    assert "resumed from" in log  # the restarted group continued from the latest checkpoint
-    a, b = final_state(reference), final_state(out)
-    assert a["step"] == b["step"] == 40
-    for k in a["student"]:
-        assert torch.equal(a["student"][k], b["student"][k]), f"student {k}"
-    for k in a["teacher"]["model"]:
-        assert torch.equal(a["teacher"]["model"][k], b["teacher"]["model"][k]), f"teacher {k}"
+        out = tmp_path / "killed"
+        agent = processes.start(torchrun(free_port(), "2", out), tmp_path / "agent.log")
+        deadline = time.time() + 300
+        while last_step(out) < 7 and agent.poll() is None and time.time() < deadline:
+            time.sleep(0.02)
+        workers = [p for p in psutil.Process(agent.pid).children()
+                   if "nrd_dist.train" in " ".join(p.cmdline())]
+        assert len(workers) == 2, [p.cmdline() for p in workers]
+        killed_at = last_step(out)
+        workers[1].send_signal(signal.SIGKILL)  # one rank dies mid-epoch (20 steps per epoch)
+        assert 7 <= killed_at < 20
+        assert processes.wait_all(timeout=400) == [0, 0], read_tail(agent.log_path)
+        log = (tmp_path / "agent.log").read_text()
+        assert "resumed from" in log  # the restarted group continued from the latest checkpoint
+        a, b = final_state(reference), final_state(out)
+        assert a["step"] == b["step"] == 40
+        for k in a["student"]:
+            assert torch.equal(a["student"][k], b["student"][k]), f"student {k}"
+        for k in a["teacher"]["model"]:
+            assert torch.equal(a["teacher"]["model"][k], b["teacher"]["model"][k]), f"teacher {k}"
 
+    @pytest.mark.slow
+    @pytest.mark.parametrize("engine", list(ENGINES))  # ZeRO-1/2 shrinking: test_zero_state_moves_...
+    def test_elastic_survivor_continues_at_the_smaller_world_size(self, fmnist_small, tmp_path, processes, engine):
+        """torchrun --nnodes 1:2: two agents form the job; one agent (and its worker) is
+        killed; the survivor re-forms the job alone and finishes from the last checkpoint
+        (under ZeRO from its world-size-independent copy)."""
+        from conftest import free_port, kill_tree
 
-@pytest.mark.slow
-@pytest.mark.parametrize("engine", list(ENGINES))  # ZeRO-1/2 shrinking: test_zero_state_moves_...
-def test_elastic_survivor_continues_at_the_smaller_world_size(fmnist_small, tmp_path, processes, engine):
-    """torchrun --nnodes 1:2: two agents form the job; one agent (and its worker) is
-    killed; the survivor re-forms the job alone and finishes from the last checkpoint
-    (under ZeRO from its world-size-independent copy)."""
-    from conftest import free_port, kill_tree
+        port = free_port()
+        out = tmp_path / "run"
+        agents = []
+        for node in (0, 1):
+            cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "1:2", "--nproc-per-node", "1",
+                   "--rdzv-backend", "c10d", "--rdzv-endpoint", f"127.0.0.1:{port}", "--rdzv-id", "elastic-test",
+                   "--rdzv-conf", "last_call_timeout=3", "--max-restarts", "3", "-m", "nrd_dist.train",
+                   *[str(a) for a in args(fmnist_small, out, "data.batch_size=8", *ENGINES[engine])]]
+            agents.append(processes.start(cmd, tmp_path / f"agent{node}.log"))
+        deadline = time.time() + 300
+        while last_step(out) < 10 and all(a.poll() is None for a in agents) and time.time() < deadline:
+            time.sleep(0.02)
+        # The rendezvous store lives in whichever agent bound the endpoint first (on a
+        # cluster: the endpoint host, which stays); the node that leaves is the other one.
+        import psutil
 
-    port = free_port()
-    out = tmp_path / "run"
-    agents = []
-    for node in (0, 1):
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "1:2", "--nproc-per-node", "1",
-               "--rdzv-backend", "c10d", "--rdzv-endpoint", f"127.0.0.1:{port}", "--rdzv-id", "elastic-test",
-               "--rdzv-conf", "last_call_timeout=3", "--max-restarts", "3", "-m", "nrd_dist.train",
-               *[str(a) for a in args(fmnist_small, out, "data.batch_size=8", *ENGINES[engine])]]
-        agents.append(processes.start(cmd, tmp_path / f"agent{node}.log"))
-    deadline = time.time() + 300
-    while last_step(out) < 10 and all(a.poll() is None for a in agents) and time.time() < deadline:
-        time.sleep(0.02)
-    # The rendezvous store lives in whichever agent bound the endpoint first (on a
-    # cluster: the endpoint host, which stays); the node that leaves is the other one.
-    import psutil
+        def hosts_store(agent):
+            return any(c.status == psutil.CONN_LISTEN and c.laddr.port == port
+                       for c in psutil.Process(agent.pid).net_connections(kind="tcp"))
 
-    def hosts_store(agent):
-        return any(c.status == psutil.CONN_LISTEN and c.laddr.port == port
-                   for c in psutil.Process(agent.pid).net_connections(kind="tcp"))
-
-    survivor, leaving = (0, 1) if hosts_store(agents[0]) else (1, 0)
-    kill_tree(agents[leaving].pid)  # that node leaves: its agent and its worker die
-    killed_at = last_step(out)
-    assert 10 <= killed_at < 40, "the node must leave mid-run (20 steps per epoch, 2 epochs)"
-    agents[leaving].wait()
-    assert processes.wait_all(timeout=400)[survivor] == 0, read_tail(agents[survivor].log_path)
-    log = (tmp_path / f"agent{survivor}.log").read_text()
-    both = log + (tmp_path / f"agent{leaving}.log").read_text()
-    assert "world size 2" in both  # logged by rank 0 of the 2-node job, on either node
-    assert "world size 1" in log  # the survivor alone
-    assert "it was written by 2 ranks" in log  # resumed at the smaller world size
-    summary = json.loads((out / "summary.json").read_text())
-    assert summary["val"]["fmnist_test"]["student"]["last_top1"] > 0
-    assert final_state(out)["world_size"] == 1
+        survivor, leaving = (0, 1) if hosts_store(agents[0]) else (1, 0)
+        kill_tree(agents[leaving].pid)  # that node leaves: its agent and its worker die
+        killed_at = last_step(out)
+        assert 10 <= killed_at < 40, "the node must leave mid-run (20 steps per epoch, 2 epochs)"
+        agents[leaving].wait()
+        assert processes.wait_all(timeout=400)[survivor] == 0, read_tail(agents[survivor].log_path)
+        log = (tmp_path / f"agent{survivor}.log").read_text()
+        both = log + (tmp_path / f"agent{leaving}.log").read_text()
+        assert "world size 2" in both  # logged by rank 0 of the 2-node job, on either node
+        assert "world size 1" in log  # the survivor alone
+        assert "it was written by 2 ranks" in log  # resumed at the smaller world size
+        summary = json.loads((out / "summary.json").read_text())
+        assert summary["val"]["fmnist_test"]["student"]["last_top1"] > 0
+        assert final_state(out)["world_size"] == 1
 
 
 ZERO_MOVES = [(1, 2, 1), (2, 2, 1), (2, 2, 3), (3, 2, 3)]  # (stage, saved by, loaded by) ranks
@@ -312,54 +321,57 @@ def zero_moves(tmp_path_factory):
     return out
 
 
-@pytest.mark.slow
-@pytest.mark.parametrize("stage,saved_by,loaded_by", ZERO_MOVES)
-def test_zero_state_moves_to_another_world_size_exactly(zero_moves, stage, saved_by, loaded_by):
-    """ZeRO partitions written by one number of ranks, loaded by another (3 ranks: the
-    parameters' sizes are not multiples of 3, so the last partition is padded). The
-    loaded weights and momentum round-trip exactly, and the next step equals plain torch
-    SGD from the same weights and momentum on the same global batch."""
-    from nrd_dist.models import build_model
+class TestZeroStateAcrossWorldSizes:
+    """ZeRO optimizer state saved by one number of ranks and loaded by another."""
 
-    out = zero_moves / f"stage{stage}"
-    saved = torch.load(out / "portable.pt", weights_only=True)
-    loaded = torch.load(out / f"after_load_{loaded_by}.pt", weights_only=True)
-    momentum = saved["optimizer_state"]["momentum_buffer"]
-    assert set(momentum) == set(saved["params"]) and all(m.abs().sum() > 0 for m in momentum.values())
-    for name in saved["params"]:
-        assert torch.equal(loaded["round_trip"]["params"][name], saved["params"][name]), name
-        assert torch.equal(loaded["round_trip"]["optimizer_state"]["momentum_buffer"][name], momentum[name]), name
+    @pytest.mark.slow
+    @pytest.mark.parametrize("stage,saved_by,loaded_by", ZERO_MOVES)
+    def test_zero_state_moves_to_another_world_size_exactly(self, zero_moves, stage, saved_by, loaded_by):
+        """ZeRO partitions written by one number of ranks, loaded by another (3 ranks: the
+        parameters' sizes are not multiples of 3, so the last partition is padded). The
+        loaded weights and momentum round-trip exactly, and the next step equals plain torch
+        SGD from the same weights and momentum on the same global batch."""
+        from nrd_dist.models import build_model
 
-    model = build_model("mlp", 10, 1)
-    model.load_state_dict({**saved["params"], **saved["buffers"]})
-    optimizer = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9, weight_decay=1e-3)
-    for name, param in model.named_parameters():
-        optimizer.state[param]["momentum_buffer"] = momentum[name].clone()
-    x, y = torch.load(out / "batch.pt", weights_only=True)
-    torch.nn.functional.cross_entropy(model(x), y).backward()
-    optimizer.step()
-    after = loaded["after_step"]
-    for name, param in model.named_parameters():
-        assert (param.detach() - saved["params"][name]).abs().max() > 1e-4, "the step must move the weights"
-        # equal up to the order of the gradient reduction over the ranks (measured <= 3e-8)
-        assert torch.allclose(param.detach(), after["params"][name], rtol=0, atol=1e-6), name
-        assert torch.allclose(optimizer.state[param]["momentum_buffer"], after["optimizer_state"]["momentum_buffer"][name],
-                              rtol=0, atol=1e-6), name
+        out = zero_moves / f"stage{stage}"
+        saved = torch.load(out / "portable.pt", weights_only=True)
+        loaded = torch.load(out / f"after_load_{loaded_by}.pt", weights_only=True)
+        momentum = saved["optimizer_state"]["momentum_buffer"]
+        assert set(momentum) == set(saved["params"]) and all(m.abs().sum() > 0 for m in momentum.values())
+        for name in saved["params"]:
+            assert torch.equal(loaded["round_trip"]["params"][name], saved["params"][name]), name
+            assert torch.equal(loaded["round_trip"]["optimizer_state"]["momentum_buffer"][name], momentum[name]), name
 
+        model = build_model("mlp", 10, 1)
+        model.load_state_dict({**saved["params"], **saved["buffers"]})
+        optimizer = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9, weight_decay=1e-3)
+        for name, param in model.named_parameters():
+            optimizer.state[param]["momentum_buffer"] = momentum[name].clone()
+        x, y = torch.load(out / "batch.pt", weights_only=True)
+        torch.nn.functional.cross_entropy(model(x), y).backward()
+        optimizer.step()
+        after = loaded["after_step"]
+        for name, param in model.named_parameters():
+            assert (param.detach() - saved["params"][name]).abs().max() > 1e-4, "the step must move the weights"
+            # equal up to the order of the gradient reduction over the ranks (measured <= 3e-8)
+            assert torch.allclose(param.detach(), after["params"][name], rtol=0, atol=1e-6), name
+            assert torch.allclose(optimizer.state[param]["momentum_buffer"],
+                                  after["optimizer_state"]["momentum_buffer"][name], rtol=0, atol=1e-6), name
 
-@pytest.mark.slow
-def test_zero_checkpoint_without_portable_copy_names_the_world_sizes(fmnist_small, tmp_path, processes):
-    from conftest import free_port
+    @pytest.mark.slow
+    def test_zero_checkpoint_without_portable_copy_names_the_world_sizes(self, fmnist_small, tmp_path, processes):
+        from conftest import free_port
 
-    out = tmp_path / "run"
-    zero = ["engine.backend=deepspeed", "engine.zero_stage=1", "checkpoint.zero_portable=false", "optim.epochs=1"]
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-addr", "127.0.0.1",
-           "--master-port", free_port(), "-m", "nrd_dist.train", *map(str, args(fmnist_small, out, *zero))]
-    proc = processes.start(cmd, tmp_path / "two.log")
-    assert processes.wait_all(timeout=300) == [0], read_tail(proc.log_path)
-    latest = out / "checkpoints" / (out / "checkpoints" / "latest").read_text().strip()
-    assert (latest / "deepspeed").is_dir() and not (latest / "zero_portable.pt").exists()
-    one = run_train(args(fmnist_small, out, *zero[:-1], "optim.epochs=2"))
-    assert one.returncode != 0
-    assert "ZeRO-1 optimizer partitions of 2 ranks" in one.stderr and "not 1" in one.stderr, one.stderr[-2000:]
-    assert "checkpoint.zero_portable" in one.stderr
+        out = tmp_path / "run"
+        zero = ["engine.backend=deepspeed", "engine.zero_stage=1", "checkpoint.zero_portable=false", "optim.epochs=1"]
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-addr", "127.0.0.1",
+               "--master-port", free_port(), "-m", "nrd_dist.train", *map(str, args(fmnist_small, out, *zero))]
+        proc = processes.start(cmd, tmp_path / "two.log")
+        assert processes.wait_all(timeout=300) == [0], read_tail(proc.log_path)
+        latest = out / "checkpoints" / (out / "checkpoints" / "latest").read_text().strip()
+        assert (latest / "deepspeed").is_dir() and not (latest / "zero_portable.pt").exists()
+        one = run_train(args(fmnist_small, out, *zero[:-1], "optim.epochs=2"))
+        assert one.returncode != 0
+        assert "ZeRO-1 optimizer partitions of 2 ranks" in one.stderr and "not 1" in one.stderr, one.stderr[-2000:]
+        assert "checkpoint.zero_portable" in one.stderr
+

@@ -34,31 +34,34 @@ def single_process_curve(tmp_path_factory):
     return json.loads((out / "rank0.json").read_text())
 
 
-@pytest.mark.slow
-@pytest.mark.parametrize("engine", list(ENGINES))
-def test_two_ranks_match_one_and_keep_the_teacher_in_sync(engine, single_process_curve, tmp_path, processes):
-    out = tmp_path / "out"
-    cmd = TORCHRUN + ["--nproc-per-node", "2", "--master-addr", "127.0.0.1", "--master-port", free_port(),
-                      "tests/dist/engine_steps.py", out, *ENGINES[engine]]
-    proc = processes.start(cmd, tmp_path / "log.txt")
-    assert processes.wait_all(timeout=300) == [0], read_tail(proc.log_path)
-    ranks = [json.loads((out / f"rank{r}.json").read_text()) for r in (0, 1)]
-    assert [r["world_size"] for r in ranks] == [2, 2]
-    for arch in ("mlp", "small_cnn"):
-        r0, r1 = ranks[0][arch], ranks[1][arch]
-        # student, teacher and loss compiled (nn.Module.compile) exactly when asked
-        assert r0["compiled"] == r1["compiled"] == [engine == "ddp_compiled"] * 3
-        # the teacher: an EMA of the gathered student weights of every step, to 1e-6 ...
-        assert r0["teacher_max_diff"] < 1e-6 and r1["teacher_max_diff"] < 1e-6
-        # ... and bitwise identical on both ranks
-        assert r0["checksum"] == r1["checksum"]
-        # a teacher perturbed on rank 1 stops the run with a message naming the ranks
-        if arch == "small_cnn" or engine != "zero3":
-            assert r0["divergence_detected"] and "rank 1 differs from rank 0" in r0["divergence_detected"]
-    # equivalence with one process on the same global batch (mlp: no BatchNorm, so the
-    # split cannot matter); measured differences are ~1e-7 (reduction order)
-    for step, (two, one) in enumerate(zip(ranks[0]["mlp"]["losses"], single_process_curve["mlp"]["losses"])):
-        assert two == pytest.approx(one, abs=1e-5), f"step {step}"
+class TestTwoRanksMatchOneProcess:
+    """Each engine's two-rank run against the same one-process curve (`single_process_curve`)."""
+
+    @pytest.mark.slow
+    @pytest.mark.parametrize("engine", list(ENGINES))
+    def test_two_ranks_match_one_and_keep_the_teacher_in_sync(self, engine, single_process_curve, tmp_path, processes):
+        out = tmp_path / "out"
+        cmd = TORCHRUN + ["--nproc-per-node", "2", "--master-addr", "127.0.0.1", "--master-port", free_port(),
+                          "tests/dist/engine_steps.py", out, *ENGINES[engine]]
+        proc = processes.start(cmd, tmp_path / "log.txt")
+        assert processes.wait_all(timeout=300) == [0], read_tail(proc.log_path)
+        ranks = [json.loads((out / f"rank{r}.json").read_text()) for r in (0, 1)]
+        assert [r["world_size"] for r in ranks] == [2, 2]
+        for arch in ("mlp", "small_cnn"):
+            r0, r1 = ranks[0][arch], ranks[1][arch]
+            # student, teacher and loss compiled (nn.Module.compile) exactly when asked
+            assert r0["compiled"] == r1["compiled"] == [engine == "ddp_compiled"] * 3
+            # the teacher: an EMA of the gathered student weights of every step, to 1e-6 ...
+            assert r0["teacher_max_diff"] < 1e-6 and r1["teacher_max_diff"] < 1e-6
+            # ... and bitwise identical on both ranks
+            assert r0["checksum"] == r1["checksum"]
+            # a teacher perturbed on rank 1 stops the run with a message naming the ranks
+            if arch == "small_cnn" or engine != "zero3":
+                assert r0["divergence_detected"] and "rank 1 differs from rank 0" in r0["divergence_detected"]
+        # equivalence with one process on the same global batch (mlp: no BatchNorm, so the
+        # split cannot matter); measured differences are ~1e-7 (reduction order)
+        for step, (two, one) in enumerate(zip(ranks[0]["mlp"]["losses"], single_process_curve["mlp"]["losses"])):
+            assert two == pytest.approx(one, abs=1e-5), f"step {step}"
 
 
 def demo_args(fmnist_small, out, *extra):
