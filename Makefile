@@ -37,8 +37,11 @@ fmnist-data:
 # two at once beat one; one file per worker (`loadfile`) left one worker with all of
 # test_checkpoint.py (over 800 s of a 1,122 s run here). (`loadgroup` would be the
 # natural fit, but pytest-xdist 3.8 cannot group under pytest 9: its groups are ignored.)
+# One OpenMP thread per process: two workers, each starting trainers of its own, on 2
+# cores; torch's default of one thread per core made them spin against each other
+# (torchrun already does this for its ranks).
 test: setup
-	$(PY) -m pytest -q -n 2 --dist loadscope --no-loadscope-reorder tests
+	OMP_NUM_THREADS=1 $(PY) -m pytest -q -n 2 --dist loadscope --no-loadscope-reorder tests
 
 # The demo: real Fashion-MNIST shards (clean labels; the config adds seeded 40% symmetric
 # noise at load time), NRD training, the clean test top-1 printed at the end.
