@@ -37,9 +37,9 @@ fmnist-data:
 # two at once beat one; one file per worker (`loadfile`) left one worker with all of
 # test_checkpoint.py (over 800 s of a 1,122 s run here). (`loadgroup` would be the
 # natural fit, but pytest-xdist 3.8 cannot group under pytest 9: its groups are ignored.)
-# One OpenMP thread per process: two workers, each starting trainers of its own, on 2
-# cores; torch's default of one thread per core made them spin against each other
-# (torchrun already does this for its ranks).
+# One OpenMP thread per process: two workers, each starting trainers of its own, share 2
+# cores (torchrun already does this for its ranks). With both changes a fresh clone's
+# tests took 1,062 s here, against 1,122 s with `loadfile` and default threads.
 test: setup
 	OMP_NUM_THREADS=1 $(PY) -m pytest -q -n 2 --dist loadscope --no-loadscope-reorder tests
 
