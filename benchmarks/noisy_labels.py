@@ -241,6 +241,8 @@ def run_cell(cell: tuple[str, str, int, int], commit: bool) -> dict:
     name = cell_name(*cell)
     print(f"[sweep] {name}: {' '.join(command(*cell)[3:5])} ...", flush=True)
     result = train(cell, RUNS / f"{name}.log", f"{name} failed")
+    if os.environ.get("OMP_NUM_THREADS"):  # what a retraining for `diagnose` must use again
+        result["omp_num_threads"] = int(os.environ["OMP_NUM_THREADS"])
     write_atomic(result_path(name), json.dumps(result, indent=1) + "\n")
     print(f"[sweep] {name}: test top-1 {result['test_top1_last']:.2f} (noisy val {result['noisy_val_top1_last']:.2f}) "
           f"in {result['wall_time_s']:.0f} s", flush=True)

@@ -218,3 +218,16 @@ def test_a_rerun_uses_the_thread_count_its_cell_recorded(results, monkeypatch, r
         monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
     assert sweep.ensure_run_folder(cell)["reproduces_committed_result"]
     assert seen.read_text() == expected
+
+
+def test_a_cell_records_the_thread_count_it_ran_with(results, monkeypatch):
+    """The cell's thread count is what `diagnose` must retrain with; training itself is
+    replaced (what is tested is the record)."""
+    cell = ("sym40", "ce", 0, 2)
+    monkeypatch.setattr(sweep, "train", lambda *a, **k: {"test_top1_last": 1.0, "noisy_val_top1_last": 1.0,
+                                                          "wall_time_s": 1.0})
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    assert sweep.run_cell(cell, commit=False)["omp_num_threads"] == 1
+    assert json.loads(sweep.result_path(sweep.cell_name(*cell)).read_text())["omp_num_threads"] == 1
+    monkeypatch.delenv("OMP_NUM_THREADS")
+    assert "omp_num_threads" not in sweep.run_cell(cell, commit=False)
