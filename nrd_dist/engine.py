@@ -220,6 +220,8 @@ class DeepSpeedEngine(Engine):
         if self.precision == "fp16" and self.device.type == "cpu":
             raise ValueError("engine.precision: fp16 needs a GPU")
         backend = "nccl" if self.device.type == "cuda" else "gloo"
+        if self.device.type == "cpu":
+            skip_deepspeed_shm_kernels(deepspeed)
         init_process_group(backend, collective_timeout(cfg))
         deepspeed.init_distributed(dist_backend=backend, timeout=collective_timeout(cfg))  # adopts the group
         self.autocast_dtype = None
@@ -279,6 +281,18 @@ class DeepSpeedEngine(Engine):
     all_reduce_sum = DDPEngine.all_reduce_sum
     barrier = DDPEngine.barrier
     close = DDPEngine.close
+
+
+def skip_deepspeed_shm_kernels(deepspeed) -> None:
+    """Keep DeepSpeed's CPU communication backend from JIT-compiling its shared-memory
+    all-reduce kernels (``deepspeed_shm_comm``): ~50 s of C++ on 2 cores for each new
+    install path, paid by the first run of every fresh venv. They serve only
+    ``inference_all_reduce`` (tensor-parallel inference); ZeRO training reduces through the
+    torch process group either way. Marked incompatible, the op is skipped exactly as on a
+    machine that cannot build it."""
+    compatible_ops = getattr(deepspeed.ops, "__compatible_ops__", None)
+    if isinstance(compatible_ops, dict):
+        compatible_ops["deepspeed_shm_comm"] = False
 
 
 def init_process_group(backend: str, timeout: datetime.timedelta) -> None:
