@@ -45,8 +45,8 @@ fmnist-data:
 # natural fit, but pytest-xdist 3.8 cannot group under pytest 9: its groups are ignored.)
 # One OpenMP thread per process: two workers, each starting trainers of its own, share 2
 # cores (torchrun already does this for its ranks). With both changes a fresh clone's
-# tests took 1,062 s here, against 1,122 s with `loadfile` and default threads; with
-# bytecode cached (above) 512 s.
+# tests took 1,062 s here, against 1,122 s with `loadfile` and default threads; 512 s
+# once bytecode was cached (above) and DeepSpeed's CPU shm kernels no longer compiled.
 test: setup
 	OMP_NUM_THREADS=1 $(PY) -m pytest -q -n 2 --dist loadscope --no-loadscope-reorder tests
 
