@@ -427,8 +427,12 @@ class CELoss(NoiseRobustLoss):
 class BootstrapLoss(NoiseRobustLoss):
     """Soft bootstrapping (Reed et al., 2015): ``-sum_c (beta y_c + (1 - beta) p_c) log p_c``.
 
-    ``p`` in the target mixture is detached, as in the GJS paper's baseline code: the
-    model's own prediction acts as a (fixed) soft label, not as an entropy penalty.
+    The loss equals ``beta * CE + (1 - beta) * H(p)``: the model's own prediction in the
+    target is *not* detached, so the second term is an entropy penalty whose gradient
+    ``-(1 - beta) p_k (log p_k + H(p))`` pushes the model toward confident predictions
+    (Reed et al.'s minimum-entropy reading; the GJS code, whose numbers the NRD paper
+    reprints, keeps it too). Detaching ``p`` would leave ``beta * grad CE``: CE with a
+    smaller step.
 
     Args:
         beta: weight of the given label, in [0, 1].
@@ -440,7 +444,7 @@ class BootstrapLoss(NoiseRobustLoss):
 
     def compute(self, student_logits, target, teacher_probs):
         log_probs = F.log_softmax(student_logits, dim=1)
-        soft_target = self.beta * _onehot(target, log_probs.shape[1]) + (1.0 - self.beta) * log_probs.exp().detach()
+        soft_target = self.beta * _onehot(target, log_probs.shape[1]) + (1.0 - self.beta) * log_probs.exp()
         return -(soft_target * log_probs).sum(dim=1)
 
     def extra_repr(self) -> str:

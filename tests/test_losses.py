@@ -303,13 +303,22 @@ def test_baselines_match_reference(batch):
         close(build_loss("ce_nrd", pi=pi, scale=scale)(logits, target, teacher), expected)
 
 
-def test_bootstrap_target_is_detached(batch):
-    # With p detached in the target mixture, d loss / d logits = beta (p - y) / B.
+def test_bootstrap_keeps_the_entropy_gradient(batch):
+    # BS = beta CE + (1 - beta) H(p) with p *not* detached in the target, so
+    # d loss / d z_k = [beta (p_k - y_k) - (1 - beta) p_k (log p_k + H(p))] / B.
+    # A detached p would leave only the first term (CE with a smaller step).
     logits, target, _ = batch
+    beta = 0.8
     logits = logits.clone().requires_grad_(True)
-    build_loss("bs", beta=0.8)(logits, target).backward()
-    expected = 0.8 * (F.softmax(logits, dim=1) - F.one_hot(target, C)) / B
-    assert torch.allclose(logits.grad, expected.detach(), atol=1e-6)
+    build_loss("bs", beta=beta)(logits, target).backward()
+    p = F.softmax(logits.detach().double(), dim=1)
+    log_p = torch.log(p)
+    entropy = -(p * log_p).sum(dim=1, keepdim=True)
+    ce_part = beta * (p - F.one_hot(target, C))
+    entropy_part = -(1 - beta) * p * (log_p + entropy)
+    expected = (ce_part + entropy_part) / B
+    assert torch.allclose(logits.grad.double(), expected, atol=1e-6)
+    assert not torch.allclose(logits.grad.double(), ce_part / B, atol=1e-4)  # the entropy term is there
 
 
 # ------------------------------------------------------------ registry and errors
