@@ -62,10 +62,14 @@ class RunConfig:
 class NoiseConfig:
     """Load-time label noise (DESIGN.md section 1, "Synthetic noise")."""
 
-    type: Literal["none", "symmetric", "symmetric_exclusive", "asymmetric", "matrix"] = "none"
+    # asymmetric_sequential: the GJS/NRD authors' class-by-class, in-place relabelling
+    # (a later pair can move a sample again), for comparisons with the paper
+    type: Literal["none", "symmetric", "symmetric_exclusive", "asymmetric", "asymmetric_sequential",
+                  "matrix"] = "none"
     rate: float = 0.0
     seed: int = 0
-    # asymmetric: "cifar10", "cifar100" or an explicit {from_class: to_class} mapping
+    # asymmetric(_sequential): "cifar10", "cifar100", "fmnist" or an explicit {from_class: to_class}
+    # mapping; asymmetric_sequential applies its pairs in this order
     map: Optional[Union[str, dict[int, int]]] = None
     # matrix: a row-stochastic num_classes x num_classes transition matrix
     matrix: Optional[list[list[float]]] = None
@@ -73,8 +77,9 @@ class NoiseConfig:
     def validate(self, path: str) -> None:
         if not 0.0 <= self.rate <= 1.0:
             raise ConfigError(f"{path}.rate: noise rate must lie in [0, 1], got {self.rate}")
-        if self.type == "asymmetric" and self.map is None:
-            raise ConfigError(f"{path}.map: asymmetric noise needs a map (cifar10, cifar100 or {{from: to}})")
+        if self.type in ("asymmetric", "asymmetric_sequential") and self.map is None:
+            raise ConfigError(f"{path}.map: {self.type} noise needs a map "
+                              "(cifar10, cifar100, fmnist or {from: to})")
         if self.type == "matrix" and self.matrix is None:
             raise ConfigError(f"{path}.matrix: matrix noise needs a transition matrix")
 
@@ -216,6 +221,10 @@ class TeacherConfig:
     every: int = 1  # update the teacher every this many optimizer steps
     bn: Literal["eval", "batch"] = "eval"  # teacher BatchNorm: running statistics or batch statistics
     verify_every: int = 100  # cross-rank teacher checksum cadence, steps (0: never)
+    # Decay ramp after the warm-up copies (nrd_dist.teacher.ramped_decay); none: the paper's constant decay.
+    ramp: Literal["none", "mean_teacher", "power"] = "none"
+    ramp_power: float = 2 / 3  # power ramp exponent (ema_pytorch's default; timm also uses 3/4)
+    ramp_gamma: float = 1.0  # power ramp time scale (ema_pytorch's inv_gamma, timm's warmup_gamma)
 
     def validate(self, path: str) -> None:
         if not 0.0 <= self.decay <= 1.0:
@@ -223,6 +232,8 @@ class TeacherConfig:
         if self.warmup_steps < 0:
             raise ConfigError(f"{path}.warmup_steps: must be >= 0, got {self.warmup_steps}")
         _positive(f"{path}.every", self.every)
+        _positive(f"{path}.ramp_power", self.ramp_power)
+        _positive(f"{path}.ramp_gamma", self.ramp_gamma)
         if self.verify_every < 0:
             raise ConfigError(f"{path}.verify_every: must be >= 0, got {self.verify_every}")
 

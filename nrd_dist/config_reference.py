@@ -25,11 +25,13 @@ HELP = {
     "data.sampling": "epoch (a seeded shard permutation dealt to rank x worker slots, each sample about "
                      "once per epoch) or resampled (seeded shard draws with replacement, for very large sets)",
     "data.noise.type": "load-time label noise: none, symmetric (over all classes), symmetric_exclusive, "
-                       "asymmetric, matrix",
+                       "asymmetric (each sample's clean label flipped with probability rate), "
+                       "asymmetric_sequential (the GJS/NRD code's class-by-class in-place relabelling, map "
+                       "pairs in order: cifar10 asym-40 mislabels cats at 0.24, all at 0.184), matrix",
     "data.noise.rate": "noise rate eta in [0, 1]",
     "data.noise.seed": "noise seed; with the sample key and clean label it fixes each noisy label",
-    "data.noise.map": "asymmetric: cifar10, cifar100, fmnist (its confusable pairs both ways) or an explicit "
-                      "{from: to} class map",
+    "data.noise.map": "asymmetric(_sequential): cifar10, cifar100, fmnist (its confusable pairs both ways) or "
+                      "an explicit {from: to} class map (asymmetric_sequential: pairs applied in this order)",
     "data.noise.matrix": "matrix: a row-stochastic num_classes x num_classes transition matrix",
     "data.augment.policy": "view policy: fmnist (28 px grey), cifar (32 px), imagenet (WebVision/ImageNet)",
     "data.augment.image_size": "crop size of every view in pixels; null: 28 / 32 / 224 by policy",
@@ -53,10 +55,16 @@ HELP = {
     "loss.beta": "sce, nce_rce: weight of the reverse CE; bs: weight of the given label",
     "loss.epsilon": "ls: label smoothing",
     "teacher.decay": "EMA decay beta (paper: 0.99)",
-    "teacher.warmup_steps": "the first updates copy the student instead of averaging",
+    "teacher.warmup_steps": "the first updates copy the student instead of averaging (a ramp starts after them)",
     "teacher.every": "update the teacher every this many optimizer steps",
     "teacher.bn": "teacher BatchNorm: eval (running statistics) or batch (batch statistics)",
     "teacher.verify_every": "cross-rank teacher checksum every this many steps (0: never)",
+    "teacher.ramp": "decay ramp after the warm-up copies, t = updates since them: none (constant decay, the "
+                    "paper), mean_teacher (min(decay, 1 - 1/(t+1)), Tarvainen & Valpola) or power "
+                    "(min(decay, 1 - (1 + t/ramp_gamma)^-ramp_power), ema_pytorch / timm ModelEmaV3)",
+    "teacher.ramp_power": "power ramp exponent (2/3 as ema_pytorch; timm also uses 3/4)",
+    "teacher.ramp_gamma": "power ramp time scale: ema_pytorch's inv_gamma (divide by its update_every), "
+                          "timm's warmup_gamma",
     "optim.name": "optimizer (SGD)",
     "optim.lr": "peak learning rate",
     "optim.momentum": "SGD momentum",

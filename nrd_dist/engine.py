@@ -91,7 +91,8 @@ class Engine:
         from nrd_dist.teacher import EMATeacher
 
         t = self.cfg.teacher
-        return EMATeacher(template, t.decay, t.warmup_steps, t.every, t.bn)
+        return EMATeacher(template, t.decay, t.warmup_steps, t.every, t.bn,
+                          ramp=t.ramp, ramp_power=t.ramp_power, ramp_gamma=t.ramp_gamma)
 
     def prepare_module(self, model: nn.Module) -> nn.Module:
         """Device and memory format, before the optimizer is built over its parameters."""
@@ -268,7 +269,8 @@ class DeepSpeedEngine(Engine):
             from nrd_dist.teacher import ZeroThreeTeacher
 
             t = self.cfg.teacher
-            return ZeroThreeTeacher(template, self, t.decay, t.warmup_steps, t.every, t.bn)
+            return ZeroThreeTeacher(template, self, t.decay, t.warmup_steps, t.every, t.bn,
+                                    ramp=t.ramp, ramp_power=t.ramp_power, ramp_gamma=t.ramp_gamma)
         return super().make_teacher(template)
 
     def to_device(self, images: torch.Tensor) -> torch.Tensor:

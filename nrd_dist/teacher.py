@@ -5,6 +5,10 @@ over every floating entry of the student's state dict (weights *and* BatchNorm r
 statistics); integer buffers (``num_batches_tracked``) are copied. The teacher never
 takes part in autograd: its parameters have ``requires_grad=False`` and its forward runs
 under ``torch.inference_mode``.
+
+The decay of each update comes from one rule, :meth:`DecaySchedule.decay_at`, shared by
+both teachers: optional warm-up copies, then a constant ``decay`` (the paper) or a ramp
+toward it (``ramp``: the mean teacher's or the power ramp of ema_pytorch and timm).
 """
 
 from __future__ import annotations
@@ -27,7 +31,76 @@ def _matching_precision(x: torch.Tensor):
     return contextlib.nullcontext()
 
 
-class EMATeacher(nn.Module):
+RAMPS = ("none", "mean_teacher", "power")
+
+
+def ramped_decay(t: int, decay: float, ramp: str = "none", power: float = 2 / 3, gamma: float = 1.0) -> float:
+    """The decay of averaging update ``t`` (0-based, counted after the warm-up copies).
+
+    * ``none``: ``decay``, constant (the NRD paper: 0.99).
+    * ``mean_teacher``: ``min(decay, 1 - 1/(t+1))`` (Tarvainen & Valpola 2017). Until the
+      cap the teacher is the plain mean of the ``t+1`` student snapshots it has been given.
+      (Their code passes the step already incremented, so its first update uses 1/2 and
+      averages the teacher's own initialisation in as one more snapshot.)
+    * ``power``: ``min(decay, max(0, 1 - (1 + t/gamma)^(-power)))``, the ramp of ema_pytorch
+      (``inv_gamma``, ``power``, ``min_value=0``; the NRD authors' code) and of timm's
+      ModelEmaV3 (``warmup_gamma``, ``warmup_power``). gamma=1 with power 2/3 reaches 0.99 after
+      ~1000 updates, 0.999 after ~31.6k; power 3/4 gets there sooner.
+
+    Both ramps give 0 at ``t = 0``: the first averaging update copies the student.
+    """
+    if ramp == "none":
+        return decay
+    if ramp == "mean_teacher":
+        return min(decay, 1.0 - 1.0 / (t + 1))
+    if ramp == "power":
+        return min(decay, max(0.0, 1.0 - (1.0 + t / gamma) ** -power))
+    raise ValueError(f"teacher.ramp: must be one of {', '.join(RAMPS)}, got {ramp!r}")
+
+
+class DecaySchedule:
+    """Which decay update number ``n`` (0-based: ``num_updates`` before it) uses, for both
+    teachers, so the ramp logic exists once.
+
+    Updates ``n < warmup_steps`` copy the student; then the ramp starts at
+    ``t = n - warmup_steps``. Both ramps begin with one more copy at ``t = 0``, so warm-up
+    then ramp is ``warmup_steps + 1`` copies and the ramp from ``t = 1``: exactly
+    ema_pytorch's ``update_after_step = warmup_steps`` with ``update_every = 1``. ``t``
+    counts *applied* updates; ema_pytorch counts ``update()`` calls, so its
+    ``update_every = k`` schedule is ``every: k`` with ``ramp_gamma = inv_gamma / k`` (and
+    ``update_after_step`` a multiple of k, ``warmup_steps = update_after_step / k``). The
+    counter is ``num_updates``, which the teacher's state dict saves: a resumed run
+    continues the ramp where it stopped.
+    """
+
+    def set_schedule(self, decay: float, warmup_steps: int, ramp: str, ramp_power: float,
+                     ramp_gamma: float) -> None:
+        if not 0.0 <= decay <= 1.0:
+            raise ValueError(f"teacher.decay: must lie in [0, 1], got {decay}")
+        if warmup_steps < 0:
+            raise ValueError(f"teacher.warmup_steps: must be >= 0, got {warmup_steps}")
+        if ramp not in RAMPS:
+            raise ValueError(f"teacher.ramp: must be one of {', '.join(RAMPS)}, got {ramp!r}")
+        if ramp_power <= 0:
+            raise ValueError(f"teacher.ramp_power: must be > 0, got {ramp_power}")
+        if ramp_gamma <= 0:
+            raise ValueError(f"teacher.ramp_gamma: must be > 0, got {ramp_gamma}")
+        self.decay, self.warmup_steps = decay, warmup_steps
+        self.ramp, self.ramp_power, self.ramp_gamma = ramp, ramp_power, ramp_gamma
+
+    def copies(self, update_index: int) -> bool:
+        """Warm-up: update ``update_index`` copies the student instead of averaging."""
+        return update_index < self.warmup_steps
+
+    def decay_at(self, update_index: int) -> float:
+        """The decay of update ``update_index``: 0 for a warm-up copy, else ``ramped_decay``."""
+        if self.copies(update_index):
+            return 0.0
+        return ramped_decay(update_index - self.warmup_steps, self.decay, self.ramp,
+                            self.ramp_power, self.ramp_gamma)
+
+
+class EMATeacher(DecaySchedule, nn.Module):
     """An exponential moving average of a student model.
 
     Args:
@@ -38,19 +111,19 @@ class EMATeacher(nn.Module):
         every: update on every ``every``-th call of :meth:`update` (the others are no-ops).
         bn: ``"eval"`` (running statistics; no collectives in the forward) or ``"batch"``
             (batch statistics; running statistics left to the EMA).
+        ramp, ramp_power, ramp_gamma: the decay ramp after the warm-up (``"none"``: the
+            constant ``decay``); see :func:`ramped_decay` and :class:`DecaySchedule`.
     """
 
     def __init__(self, student: nn.Module, decay: float = 0.99, warmup_steps: int = 0,
-                 every: int = 1, bn: str = "eval"):
+                 every: int = 1, bn: str = "eval", *, ramp: str = "none", ramp_power: float = 2 / 3,
+                 ramp_gamma: float = 1.0):
         super().__init__()
-        if not 0.0 <= decay <= 1.0:
-            raise ValueError(f"teacher.decay: must lie in [0, 1], got {decay}")
         if every < 1:
             raise ValueError(f"teacher.every: must be >= 1, got {every}")
         if bn not in ("eval", "batch"):
             raise ValueError(f"teacher.bn: must be 'eval' or 'batch', got {bn!r}")
-        self.decay = decay
-        self.warmup_steps = warmup_steps
+        self.set_schedule(decay, warmup_steps, ramp, ramp_power, ramp_gamma)
         self.every = every
         self.bn = bn
         self.calls = 0  # update() calls so far, cadence counter
@@ -84,12 +157,12 @@ class EMATeacher(nn.Module):
         if self.calls % self.every:
             return False
         floats_t, floats_s, ints_t, ints_s = self._paired_tensors(student)
-        if self.num_updates < self.warmup_steps:
+        if self.copies(self.num_updates):
             torch._foreach_copy_(floats_t, floats_s)
         elif floats_t:
             # lerp(t, s, w) = t + w (s - t) = decay * t + (1 - decay) * s, one fused kernel
             # per dtype/device group instead of a Python loop over hundreds of tensors.
-            torch._foreach_lerp_(floats_t, floats_s, 1.0 - self.decay)
+            torch._foreach_lerp_(floats_t, floats_s, 1.0 - self.decay_at(self.num_updates))
         if ints_t:
             torch._foreach_copy_(ints_t, ints_s)
         self.num_updates += 1
@@ -156,7 +229,7 @@ class EMATeacher(nn.Module):
         return self.module.load_state_dict(state["model"], strict=strict)
 
 
-class ZeroThreeTeacher(nn.Module):
+class ZeroThreeTeacher(DecaySchedule, nn.Module):
     """The EMA teacher under ZeRO-3 (DESIGN.md section 2): partitioned exactly like the
     student and updated shard-locally, with no full gather per step.
 
@@ -168,13 +241,15 @@ class ZeroThreeTeacher(nn.Module):
     """
 
     def __init__(self, template: nn.Module, engine, decay: float = 0.99, warmup_steps: int = 0,
-                 every: int = 1, bn: str = "eval"):
+                 every: int = 1, bn: str = "eval", *, ramp: str = "none", ramp_power: float = 2 / 3,
+                 ramp_gamma: float = 1.0):
         super().__init__()
         import deepspeed
 
         if bn != "eval":
             raise ValueError("teacher.bn: only 'eval' is supported with ZeRO-3")
-        self.decay, self.warmup_steps, self.every, self.bn = decay, warmup_steps, every, bn
+        self.set_schedule(decay, warmup_steps, ramp, ramp_power, ramp_gamma)
+        self.every, self.bn = every, bn
         self.calls = 0
         self.num_updates = 0
         self.engine = engine
@@ -203,10 +278,10 @@ class ZeroThreeTeacher(nn.Module):
         float_t = teacher_params + [b for b in teacher_buffers if b.is_floating_point()]
         float_s = [s.to(t.dtype) for t, s in zip(teacher_params, student_params)]
         float_s += [s.to(t.dtype) for t, s in zip(teacher_buffers, student_buffers) if t.is_floating_point()]
-        if self.num_updates < self.warmup_steps:
+        if self.copies(self.num_updates):
             torch._foreach_copy_(float_t, float_s)
         else:
-            torch._foreach_lerp_(float_t, float_s, 1.0 - self.decay)
+            torch._foreach_lerp_(float_t, float_s, 1.0 - self.decay_at(self.num_updates))
         for t, s in zip(teacher_buffers, student_buffers):
             if not t.is_floating_point():
                 t.copy_(s)

@@ -9,7 +9,9 @@ from statistics import NormalDist
 import numpy as np
 import pytest
 
+from nrd_dist.config import ConfigError, load_config
 from nrd_dist.data.noise import (
+    CIFAR10_ASYMMETRIC_MAP,
     CIFAR100_COARSE_LABELS,
     apply_noise,
     cifar100_superclass_map,
@@ -39,6 +41,8 @@ SPECS = {
     "symmetric_exclusive": (dict(type="symmetric_exclusive", rate=0.4, seed=7), 10),
     "asym_cifar10": (dict(type="asymmetric", rate=0.4, map="cifar10", seed=7), 10),
     "asym_cifar100": (dict(type="asymmetric", rate=0.4, map="cifar100", seed=7), 100),
+    "asym_seq_cifar10": (dict(type="asymmetric_sequential", rate=0.4, map="cifar10", seed=7), 10),
+    "asym_seq_cifar100": (dict(type="asymmetric_sequential", rate=0.4, map="cifar100", seed=7), 100),
     "matrix": (dict(type="matrix", matrix=MATRIX_4, seed=7), 4),
 }
 
@@ -187,6 +191,10 @@ def assert_transitions_match(clean, noisy, expected, num_classes):
         ("symmetric_exclusive", 0.4),
         ("asym_cifar10", 0.4 * 5 / 10),  # 5 of the 10 classes are sources
         ("asym_cifar100", 0.4),  # every class is a source
+        ("asym_seq_cifar10", (4 * 0.4 + 0.4 * 0.6) / 10),  # dog->cat brings back cats
+        # Passes go round each 5-cycle in ascending order, a moved sample meeting the
+        # next pass too: only the smallest class's samples that flip 5 times come home.
+        ("asym_seq_cifar100", 0.4 - 0.4**5 / 5),
         ("matrix", (0.3 + 0.0 + 0.75 + 0.5) / 4),
     ],
 )
@@ -296,6 +304,8 @@ def test_explicit_map_with_yaml_string_keys():
         (dict(type="asymmetric", rate=0.2, seed=0, map={"cat": 2}), 10, r"noise\.map: 'cat' is not a class index"),
         (dict(type="asymmetric", rate=0.2, seed=0, map={3: 1, "3": 2}), 10, r"noise\.map: class 3 given twice"),
         (dict(type="symmetric", rate=0.2, seed=0, map="cifar10"), 10, r"noise\.map: only used with type 'asymmetric'"),
+        (dict(type="asymmetric_sequential", rate=0.2, seed=0), 10, r"noise\.map: required for type 'asymmetric_sequential'"),
+        (dict(type="asymmetric_sequential", rate=0.2, seed=0, map="cifar100"), 10, r"noise\.map: 'cifar100' needs"),
         (dict(type="matrix", seed=0), 4, r"noise\.matrix: required"),
         (dict(type="matrix", seed=0, matrix=[[1, 0], [0, 1]]), 4, r"noise\.matrix: shape \(2, 2\), expected \(4, 4\)"),
         (dict(type="matrix", seed=0, matrix=[[1, 0], [0.5, 0.4]]), 2, r"noise\.matrix: row 1 sums to"),
@@ -357,3 +367,130 @@ def test_noise_report_of_numpy_inputs_and_empty():
     assert empty["num_samples"] == 0 and empty["realised_rate"] == 0.0
     with pytest.raises(ValueError, match="noisy_labels"):
         noise_report([0, 1], [0], 2)
+
+
+# ------------------------------------------------------ asymmetric, sequential passes
+
+CAT, DOG = 3, 5
+SEQUENTIAL = dict(type="asymmetric_sequential", rate=0.4, seed=0, map="cifar10")
+
+
+def balanced_cifar10(per_class=5000):
+    """50,000 webdataset-like keys, 5,000 per CIFAR-10 class (as the training set)."""
+    labels = np.repeat(np.arange(10), per_class)
+    return [f"train/{i:07d}" for i in range(len(labels))], labels
+
+
+def peers_relabel(labels, pairs, rate, rng):
+    """The GJS / NRD authors' asymmetric noise: per pair in order, an exact count
+    int(rate * n) of the n samples currently labelled source, by random choice."""
+    noisy = labels.copy()
+    for source, target in pairs:
+        members = np.flatnonzero(noisy == source)
+        chosen = rng.choice(members, size=int(rate * len(members)), replace=False)
+        noisy[chosen] = target
+    return noisy
+
+
+def mislabeled(clean, noisy, cls=None):
+    mask = np.ones(len(clean), bool) if cls is None else clean == cls
+    return float(np.mean(noisy[mask] != clean[mask]))
+
+
+def test_sequential_cifar10_asym40_rates_match_the_peers():
+    keys, clean = balanced_cifar10()
+    sequential = apply_noise(keys, clean, SEQUENTIAL, 10)
+    independent = apply_noise(keys, clean, {**SEQUENTIAL, "type": "asymmetric"}, 10)
+    # cat->dog then dog->cat sends 0.4 of the moved cats back: 0.4 * 0.6 stay moved.
+    assert mislabeled(clean, sequential, CAT) == pytest.approx(0.24, abs=0.02)
+    assert mislabeled(clean, sequential) == pytest.approx(0.184, abs=0.01)
+    assert mislabeled(clean, sequential, DOG) == pytest.approx(0.40, abs=0.02)
+    # The default definition is unchanged.
+    assert mislabeled(clean, independent, CAT) == pytest.approx(0.40, abs=0.02)
+    assert mislabeled(clean, independent) == pytest.approx(0.20, abs=0.01)
+
+    peers = peers_relabel(clean, CIFAR10_ASYMMETRIC_MAP.items(), 0.4, np.random.default_rng(0))
+    assert mislabeled(clean, peers, CAT) == pytest.approx(0.24, abs=0.02)
+    ours = np.array(noise_report(clean, sequential, 10)["transition_matrix"])
+    theirs = np.array(noise_report(clean, peers, 10)["transition_matrix"])
+    np.testing.assert_allclose(ours, theirs, atol=0.03)
+
+
+def test_sequential_does_not_depend_on_sample_order():
+    keys, clean = balanced_cifar10()
+    full = apply_noise(keys, clean, SEQUENTIAL, 10)
+    perm = np.random.default_rng(3).permutation(len(keys))
+    shuffled = apply_noise([keys[i] for i in perm], clean[perm], SEQUENTIAL, 10)
+    by_key = dict(zip(keys, full.tolist()))
+    assert [by_key[keys[i]] for i in perm] == shuffled.tolist()
+    # A cat sent to dog and back needs both passes; it must still be decided per key
+    # when the dog samples it meets are elsewhere (here: one sample at a time).
+    cats = np.flatnonzero(clean == CAT)[:500]
+    alone = [apply_noise([keys[i]], clean[[i]], SEQUENTIAL, 10)[0] for i in cats]
+    assert alone == full[cats].tolist()
+
+
+def test_sequential_transition_matrix_is_the_product_of_the_passes():
+    T = transition_matrix(SEQUENTIAL, 10)
+    np.testing.assert_allclose(T.sum(axis=1), 1.0)
+    assert T[CAT, CAT] == pytest.approx(0.6 + 0.4 * 0.4) and T[CAT, DOG] == pytest.approx(0.24)
+    assert T[DOG, CAT] == pytest.approx(0.4) and T[DOG, DOG] == pytest.approx(0.6)
+    assert T[9, 1] == pytest.approx(0.4) and T[6, 6] == 1.0  # as asymmetric elsewhere
+    # Passes in the other order move the loss to dog instead.
+    reversed_pairs = dict(reversed(list(CIFAR10_ASYMMETRIC_MAP.items())))
+    T_rev = transition_matrix({**SEQUENTIAL, "map": reversed_pairs}, 10)
+    assert T_rev[DOG, DOG] == pytest.approx(0.76) and T_rev[CAT, CAT] == pytest.approx(0.6)
+
+    keys, clean = balanced_cifar10()
+    noisy = apply_noise(keys, clean, SEQUENTIAL, 10)
+    empirical = np.array(noise_report(clean, noisy, 10)["transition_matrix"])
+    np.testing.assert_allclose(empirical, T, atol=0.02)
+    assert_transitions_match(clean, noisy, T, 10)  # and every count within 3 sigma
+
+
+def test_sequential_differs_from_independent_only_on_cats_sent_back():
+    keys, clean = balanced_cifar10()
+    sequential = apply_noise(keys, clean, SEQUENTIAL, 10)
+    independent = apply_noise(keys, clean, {**SEQUENTIAL, "type": "asymmetric"}, 10)
+    differ = sequential != independent
+    assert set(clean[differ].tolist()) == {CAT}
+    assert set(independent[differ].tolist()) == {DOG} and set(sequential[differ].tolist()) == {CAT}
+    assert differ.sum() == pytest.approx(5000 * 0.4 * 0.4, abs=4 * math.sqrt(5000 * 0.16 * 0.84))
+
+
+def test_sequential_map_order():
+    keys = [f"k{i}" for i in range(10)]
+    at_one = apply_noise(keys, np.arange(10), {**SEQUENTIAL, "rate": 1.0}, 10)
+    #                   airplane auto bird cat deer dog frog horse ship truck
+    assert at_one.tolist() == [0, 1, 0, 3, 7, 3, 6, 7, 8, 1]  # cat goes to dog and back
+
+    keys, clean = balanced_cifar10(1000)
+    base = apply_noise(keys, clean, SEQUENTIAL, 10)
+    # Moving deer->horse, which meets no other pair, to the front changes no label ...
+    deer_first = {4: 7, **CIFAR10_ASYMMETRIC_MAP}
+    np.testing.assert_array_equal(apply_noise(keys, clean, {**SEQUENTIAL, "map": deer_first}, 10), base)
+    # ... and an explicit map in the named map's order is the named map.
+    explicit = {str(k): v for k, v in CIFAR10_ASYMMETRIC_MAP.items()}
+    np.testing.assert_array_equal(apply_noise(keys, clean, {**SEQUENTIAL, "map": explicit}, 10), base)
+    # dog->cat before cat->dog: the dogs come back instead of the cats.
+    dog_first = {9: 1, 2: 0, 4: 7, 5: 3, 3: 5}
+    other = apply_noise(keys, clean, {**SEQUENTIAL, "map": dog_first}, 10)
+    assert mislabeled(clean, other, DOG) == pytest.approx(0.24, abs=0.04)
+    assert mislabeled(clean, other, CAT) == pytest.approx(0.40, abs=0.04)
+
+
+def test_sequential_config_loads_and_misuse_names_the_key():
+    cfg = load_config(None, ["data.noise.type=asymmetric_sequential", "data.noise.rate=0.4",
+                             "data.noise.map={9: 1, 2: 0, 4: 7, 3: 5, 5: 3}"])
+    assert list(cfg.data.noise.map.items()) == list(CIFAR10_ASYMMETRIC_MAP.items())  # order kept
+    keys, clean = balanced_cifar10(200)
+    np.testing.assert_array_equal(apply_noise(keys, clean, cfg.data.noise, 10),
+                                  apply_noise(keys, clean, SEQUENTIAL, 10))
+    with pytest.raises(ConfigError, match=r"^data\.noise\.map: asymmetric_sequential noise needs a map"):
+        load_config(None, ["data.noise.type=asymmetric_sequential", "data.noise.rate=0.4"])
+    with pytest.raises(ConfigError, match=r"^data\.noise\.map: only used with type 'asymmetric' or "
+                                          r"'asymmetric_sequential', not 'symmetric'"):
+        load_config(None, ["data.noise.type=symmetric", "data.noise.rate=0.4", "data.noise.map=cifar10"])
+    with pytest.raises(ConfigError, match=r"^data\.noise\.type: .*did you mean 'asymmetric_sequential'"):
+        load_config(None, ["data.noise.type=asymmetric_sequental", "data.noise.rate=0.4",
+                           "data.noise.map=cifar10"])

@@ -1,6 +1,7 @@
 """Synthetic label noise as a pure function of (seed, sample key, clean label, spec).
 
-Every noise kind is the same two-step process, applied to each sample alone:
+Every noise kind but ``asymmetric_sequential`` (below) is the same two-step process,
+applied to each sample alone:
 
 1. with probability ``rate`` the sample is *corrupted*;
 2. a corrupted sample's label is drawn from a per-class kernel ``K[clean]``:
@@ -15,6 +16,18 @@ Every noise kind is the same two-step process, applied to each sample alone:
 
 The expected transition matrix is therefore ``(1 - rate) * I + rate * K``
 (see :func:`transition_matrix`).
+
+``asymmetric_sequential`` reproduces the class-by-class relabelling of the GJS and NRD
+authors' code: for each ``source -> target`` pair of ``map``, *in the map's order*, a
+fraction ``rate`` of the samples whose *current* label is ``source`` get ``target``.
+Being sequential and in place, it lets a later pair move a sample again: with the
+CIFAR-10 map, cat->dog then dog->cat sends a share ``rate`` of the cats flipped to dog
+back to cat, so at rate 0.4 cats end up mislabeled at 0.4 * 0.6 = 0.24 and the whole
+set at 0.184, where ``asymmetric`` gives 0.4 and 0.2.  The peers pick an exact count
+per pass with a random permutation; here each sample flips on its own keyed uniform
+draw (a Bernoulli(rate) per sample and pass), the key-pure equivalent, so the counts
+are binomial rather than exact and the result still does not depend on sample order.
+Its transition matrix is the product of the per-pair matrices in map order.
 
 Both random numbers of a sample come from a keyed hash, never from a stateful
 generator, so a sample's noisy label does not depend on which other samples are
@@ -32,6 +45,13 @@ Invariants (relied upon by the data pipeline and by tests):
 * Everything else in the spec that changes the kernel (``type``, the resolved
   ``map``, ``matrix``) and the ``seed`` is part of the hash.  A named map and the
   equivalent explicit map give identical labels, since the resolved map is hashed.
+* ``asymmetric_sequential`` shares its draws with ``asymmetric`` (same map, seed):
+  a sample's pass over its own clean class uses the very draw that corrupts it under
+  ``asymmetric``, and only a sample moved into a later pass's source class draws
+  again (keyed by that class).  So the two kinds differ only on samples a later pass
+  moves again (on CIFAR-10: cats flipped to dog, then back to cat).  The map's order is
+  not hashed either, so reordering pairs that do not interact changes no label.  Rates
+  are *not* nested for this kind: a higher rate can flip a sample back.
 """
 
 from __future__ import annotations
@@ -57,7 +77,11 @@ __all__ = [
     "noise_report",
 ]
 
-NOISE_TYPES = ("none", "symmetric", "symmetric_exclusive", "asymmetric", "matrix")
+NOISE_TYPES = (
+    "none", "symmetric", "symmetric_exclusive", "asymmetric", "asymmetric_sequential", "matrix"
+)
+# Kinds that take ``map``; the sequential one applies its pairs in the map's order.
+_MAP_TYPES = ("asymmetric", "asymmetric_sequential")
 
 # The classic class-dependent CIFAR-10 noise (Patrini et al., 2017): confusions
 # between visually similar classes.  Indices are torchvision's CIFAR-10 classes
@@ -66,12 +90,14 @@ NOISE_TYPES = ("none", "symmetric", "symmetric_exclusive", "asymmetric", "matrix
 # 6 shirt, 7 sneaker, 9 ankle boot): the confusions its classifiers make most.
 FASHION_MNIST_ASYMMETRIC_MAP: dict[int, int] = {0: 6, 6: 0, 2: 4, 4: 2, 7: 9, 9: 7}
 
+# The pairs are in the order of the GJS / NRD authors' code, which
+# ``asymmetric_sequential`` applies them in (``asymmetric`` ignores the order).
 CIFAR10_ASYMMETRIC_MAP: dict[int, int] = {
     9: 1,  # truck -> automobile
     2: 0,  # bird -> airplane
-    3: 5,  # cat -> dog
-    5: 3,  # dog -> cat
     4: 7,  # deer -> horse
+    3: 5,  # cat -> dog
+    5: 3,  # dog -> cat (after cat -> dog: it sends some of the moved cats back)
 }
 
 # CIFAR-100 fine label -> coarse label (superclass), in the dataset's own order:
@@ -217,7 +243,11 @@ def _resolve_matrix(raw: Any, num_classes: int) -> np.ndarray:
 
 
 def _validate(spec: Any, num_classes: int) -> dict[str, Any]:
-    """Validated spec: type, rate (float), seed (int), kernel (C x C), fingerprint."""
+    """Validated spec: type, rate (float), seed (int), kernel (C x C), passes, fingerprint.
+
+    ``passes`` is the map's ``(source, target)`` pairs in order (empty without a map);
+    only ``asymmetric_sequential`` uses it, ``kernel`` serves every other kind.
+    """
     if not _is_int(num_classes) or num_classes < 2:
         raise ValueError(f"num_classes: expected an int >= 2, got {num_classes!r}")
     raw = noise_spec_to_dict(spec)
@@ -245,26 +275,30 @@ def _validate(spec: Any, num_classes: int) -> dict[str, Any]:
     if not _is_int(seed):
         raise ValueError(f"noise.seed: expected an int, got {seed!r}")
     # A field the type does not use is almost surely a config mistake.
-    if raw["map"] is not None and kind != "asymmetric":
-        raise ValueError(f"noise.map: only used with type 'asymmetric', not {kind!r}")
+    if raw["map"] is not None and kind not in _MAP_TYPES:
+        raise ValueError(
+            f"noise.map: only used with type 'asymmetric' or 'asymmetric_sequential', not {kind!r}"
+        )
     if raw["matrix"] is not None and kind != "matrix":
         raise ValueError(f"noise.matrix: only used with type 'matrix', not {kind!r}")
 
     C = num_classes
     kernel_params: Any = None
+    passes: list[tuple[int, int]] = []
     if kind == "symmetric":
         kernel = np.full((C, C), 1.0 / C)
     elif kind == "symmetric_exclusive":
         kernel = (np.ones((C, C)) - np.eye(C)) / (C - 1)
-    elif kind == "asymmetric":
+    elif kind in _MAP_TYPES:
         if raw["map"] is None:
-            raise ValueError("noise.map: required for type 'asymmetric'")
+            raise ValueError(f"noise.map: required for type {kind!r}")
         mapping = _resolve_map(raw["map"], C)
         kernel = np.eye(C)
         for src, dst in mapping.items():
             kernel[src] = 0.0
             kernel[src, dst] = 1.0
         kernel_params = sorted(mapping.items())
+        passes = list(mapping.items())  # dicts keep the map's order: the pass order
     else:  # matrix
         if raw["matrix"] is None:
             raise ValueError("noise.matrix: required for type 'matrix'")
@@ -272,8 +306,11 @@ def _validate(spec: Any, num_classes: int) -> dict[str, Any]:
         # repr of float64 round-trips exactly, so equal matrices hash equally.
         kernel_params = [[repr(float(p)) for p in row] for row in kernel]
 
+    # The sequential kind hashes as "asymmetric" (and without the pass order) so that
+    # it shares that kind's draws; see the module docstring.
+    hashed_kind = "asymmetric" if kind == "asymmetric_sequential" else kind
     fingerprint = json.dumps(
-        {"type": kind, "num_classes": C, "kernel": kernel_params},
+        {"type": hashed_kind, "num_classes": C, "kernel": kernel_params},
         sort_keys=True,
         separators=(",", ":"),
     )
@@ -282,6 +319,7 @@ def _validate(spec: Any, num_classes: int) -> dict[str, Any]:
         "rate": float(rate),
         "seed": int(seed),
         "kernel": kernel,
+        "passes": passes,
         "fingerprint": fingerprint,
     }
 
@@ -289,17 +327,21 @@ def _validate(spec: Any, num_classes: int) -> dict[str, Any]:
 # ---------------------------------------------------------------------- randomness
 
 
-def _sample_uniforms(keys: Sequence[str], labels: np.ndarray, seed: int, fingerprint: str):
-    """Two independent U[0, 1) numbers per sample, from its key and clean label only.
-
-    Returns ``(u_corrupt, u_class)``, float64 arrays of shape (N,).  Each is the top
-    53 bits of one half of a 128-bit BLAKE2b digest, i.e. an exact dyadic uniform.
-    """
+def _hash_prefix(seed: int, fingerprint: str, domain: str = _HASH_DOMAIN):
     prefix = hashlib.blake2b(digest_size=16)
-    # seed is an int and fingerprint is fixed-format JSON, so this prefix is
-    # unambiguous; the per-sample suffix puts the clean label (digits only) last,
-    # so even a key containing NUL cannot collide with another (key, label).
-    prefix.update(f"{_HASH_DOMAIN}\x00{seed}\x00{fingerprint}\x00".encode())
+    # seed is an int, fingerprint fixed-format JSON and domain NUL-free, so this
+    # prefix is unambiguous; the per-sample suffix puts the clean label (digits only)
+    # last, so even a key containing NUL cannot collide with another (key, label).
+    prefix.update(f"{domain}\x00{seed}\x00{fingerprint}\x00".encode())
+    return prefix
+
+
+def _keyed_uniforms(keys: Sequence[str], labels: np.ndarray, prefix) -> np.ndarray:
+    """Shape (N, 2): two U[0, 1) numbers per sample from ``prefix``, its key and label.
+
+    Each is the top 53 bits of one half of a 128-bit BLAKE2b digest, i.e. an exact
+    dyadic uniform.
+    """
     digests = bytearray()
     for key, clean in zip(keys, labels.tolist()):
         if not isinstance(key, str):
@@ -308,8 +350,26 @@ def _sample_uniforms(keys: Sequence[str], labels: np.ndarray, seed: int, fingerp
         h.update(f"{key}\x00{clean}".encode())
         digests += h.digest()
     words = np.frombuffer(bytes(digests), dtype="<u8").reshape(-1, 2)
-    uniforms = (words >> np.uint64(11)).astype(np.float64) * (2.0**-53)
+    return (words >> np.uint64(11)).astype(np.float64) * (2.0**-53)
+
+
+def _sample_uniforms(keys: Sequence[str], labels: np.ndarray, seed: int, fingerprint: str):
+    """Two independent U[0, 1) numbers per sample, from its key and clean label only.
+
+    Returns ``(u_corrupt, u_class)``, float64 arrays of shape (N,).
+    """
+    uniforms = _keyed_uniforms(keys, labels, _hash_prefix(seed, fingerprint))
     return uniforms[:, 0], uniforms[:, 1]
+
+
+def _pass_uniforms(keys, labels, seed: int, fingerprint: str, source: int) -> np.ndarray:
+    """One U[0, 1) per sample for the sequential pass over class ``source``.
+
+    Its own hash domain makes it independent of :func:`_sample_uniforms` and of the
+    other passes' draws.
+    """
+    prefix = _hash_prefix(seed, fingerprint, f"{_HASH_DOMAIN}/pass-{source}")
+    return _keyed_uniforms(keys, labels, prefix)[:, 0]
 
 
 def _as_labels(labels: Any, num_classes: int, field: str) -> np.ndarray:
@@ -338,9 +398,9 @@ def apply_noise(keys: Sequence[str], labels: Any, spec: Any, num_classes: int) -
         keys: N sample keys (str), e.g. the webdataset ``__key__``; they identify a
             sample across shards and runs, so they must be stable.
         labels: N clean class indices in ``[0, num_classes)``.
-        spec: the noise spec (``type``, ``rate``, ``seed`` and, per type, ``map`` or
-            ``matrix``) as a mapping or an object with those attributes; ``None``
-            means no noise.
+        spec: the noise spec (``type``, ``rate``, ``seed`` and, per type, ``map`` (in
+            pass order for ``asymmetric_sequential``) or ``matrix``) as a mapping or an
+            object with those attributes; ``None`` means no noise.
         num_classes: C.
 
     Returns:
@@ -360,6 +420,8 @@ def apply_noise(keys: Sequence[str], labels: Any, spec: Any, num_classes: int) -
         return clean.copy()
 
     u_corrupt, u_class = _sample_uniforms(keys, clean, params["seed"], params["fingerprint"])
+    if params["type"] == "asymmetric_sequential":
+        return _relabel_sequentially(keys, clean, u_corrupt, params)
 
     # Inverse-CDF draw from row `clean` of the kernel, for corrupted samples only,
     # grouped by class so memory stays O(N) rather than O(N * C).  Scaling u by the
@@ -381,22 +443,77 @@ def apply_noise(keys: Sequence[str], labels: Any, spec: Any, num_classes: int) -
     return noisy
 
 
+def _relabel_sequentially(keys, clean: np.ndarray, u_own_pass: np.ndarray, params) -> np.ndarray:
+    """``asymmetric_sequential``: each map pair in order flips, with probability ``rate``,
+    the samples whose *current* label is its source.
+
+    Only the pass over a class moves samples out of it, so a sample is still in its
+    clean class when that class's pass comes, and it draws ``u_own_pass`` there (the
+    draw ``asymmetric`` corrupts it with).  Sources are distinct, so a sample meets any
+    other pass at most once, and draws afresh for it, keyed by the pass's source.
+    """
+    rate, seed, fingerprint = params["rate"], params["seed"], params["fingerprint"]
+    noisy = clean.copy()
+    # Load-time noise comes one sample at a time: skip empty passes without numpy.
+    class_sizes = np.bincount(clean, minlength=params["kernel"].shape[0]).tolist()
+    for source, target in params["passes"]:
+        if class_sizes[source] == 0:
+            continue
+        members = np.flatnonzero(noisy == source)
+        draws = u_own_pass[members]  # fancy indexing: a copy
+        arrived = clean[members] != source
+        if arrived.any():
+            moved = members[arrived]
+            draws[arrived] = _pass_uniforms(
+                [keys[i] for i in moved], clean[moved], seed, fingerprint, source
+            )
+        flipped = members[draws < rate]
+        noisy[flipped] = target
+        class_sizes[source] -= len(flipped)
+        class_sizes[target] += len(flipped)
+    return noisy
+
+
+def _sequential_transition(passes, rate: float, num_classes: int) -> np.ndarray:
+    """Product, in map order, of the passes' matrices: pass ``s -> t`` is the identity
+    with row ``s`` replaced by ``(1 - rate) e_s + rate e_t``.
+
+    A sample's label distribution is a row vector multiplied on the right by each pass
+    in turn, and the passes draw independently, so this is the exact expectation of the
+    realised matrix (e.g. CIFAR-10 at 0.4: cat stays cat with 0.6 + 0.4 * 0.4 = 0.76).
+    """
+    matrix = np.eye(num_classes)
+    for source, target in passes:
+        step = np.eye(num_classes)
+        step[source, source] -= rate
+        step[source, target] += rate  # source == target: back to 1, a no-op pass
+        matrix = matrix @ step
+    return matrix
+
+
 def transition_matrix(spec: Any, num_classes: int) -> np.ndarray:
     """Expected transition matrix ``T[i, j] = P(noisy = j | clean = i)``, shape (C, C).
 
-    Equals ``(1 - rate) * I + rate * K`` for the spec's kernel ``K``; rows sum to 1.
-    The identity for no noise.
+    Equals ``(1 - rate) * I + rate * K`` for the spec's kernel ``K``; for
+    ``asymmetric_sequential``, the product of its passes' matrices in map order (see
+    :func:`_sequential_transition`).  Rows sum to 1.  The identity for no noise.
     """
     params = _validate(spec, num_classes)
     identity = np.eye(num_classes)
     if params["type"] == "none":
         return identity
     rate = params["rate"]
+    if params["type"] == "asymmetric_sequential":
+        return _sequential_transition(params["passes"], rate, num_classes)
     return (1.0 - rate) * identity + rate * params["kernel"]
 
 
 def noise_report(clean_labels: Any, noisy_labels: Any, num_classes: int) -> dict[str, Any]:
     """What the noise did, as plain JSON-serialisable Python values (for manifests).
+
+    Counted from the labels alone, so it means the same for every noise kind: its
+    ``transition_matrix`` estimates :func:`transition_matrix` of the spec used (for
+    ``asymmetric_sequential``, the product of the passes, not ``(1 - rate) I + rate K``).
 
     Returns a dict with:
         ``num_samples``: N (int).
