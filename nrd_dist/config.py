@@ -1,10 +1,16 @@
 """Typed run configuration: dataclasses loaded from YAML plus dotted overrides.
 
-One source of truth for every setting (DESIGN.md section 4): the training entry point,
-the tools and the tests all read a :class:`Config`. Loading is strict: an unknown key, a
-value of the wrong type or an invalid value raises :class:`ConfigError` naming the dotted
-key path (``loss.pi``), with the closest valid key suggested for typos, before any
+One source of truth for every setting (docs/design.md section 4): the training entry
+point, the tools and the tests all read a :class:`Config`. Loading is strict: an unknown
+key, a value of the wrong type or an invalid value raises :class:`ConfigError` naming the
+dotted key path (``loss.pi``), with the closest valid key suggested for typos, before any
 expensive work starts.
+
+Each key is declared once, with its help (:func:`setting`); the reference table in the
+README is generated from the declarations (``nrd_dist.config_reference``). The settings
+of the losses, the label noise and the augmentation policies are judged by those
+components themselves, which the config asks (:func:`_judge`) so that every range lives in
+one place.
 
     cfg = load_config("configs/fmnist_demo.yaml", ["optim.epochs=2", "loss.pi=[0.1,0.8,0.1]"])
 """
@@ -18,9 +24,9 @@ import math
 import re
 import types
 import typing
-from dataclasses import dataclass, field
+from dataclasses import MISSING, dataclass, field
 from pathlib import Path
-from typing import Any, Literal, Optional, Union
+from typing import Any, Callable, Iterator, Literal, Optional, Union
 
 import yaml
 
@@ -36,11 +42,14 @@ class _Loader(yaml.SafeLoader):
 
 _Loader.add_implicit_resolver(
     "tag:yaml.org,2002:float",
-    re.compile(r"""^(?:[-+]?(?:[0-9][0-9_]*)\.[0-9_]*(?:[eE][-+]?[0-9]+)?
+    re.compile(
+        r"""^(?:[-+]?(?:[0-9][0-9_]*)\.[0-9_]*(?:[eE][-+]?[0-9]+)?
     |[-+]?(?:[0-9][0-9_]*)(?:[eE][-+]?[0-9]+)
     |\.[0-9_]+(?:[eE][-+][0-9]+)?
     |[-+]?\.(?:inf|Inf|INF)
-    |\.(?:nan|NaN|NAN))$""", re.X),
+    |\.(?:nan|NaN|NAN))$""",
+        re.X,
+    ),
     list("-+0123456789."),
 )
 
@@ -49,75 +58,150 @@ def parse_yaml(text: str) -> Any:
     return yaml.load(text, Loader=_Loader)  # noqa: S506 - a SafeLoader subclass
 
 
+# ----------------------------------------------------------------------------- help
+
+# A key's help: its text, or a function returning it where the text quotes a component's
+# own table (loss names, policy sizes), so that the config does not import the component
+# (and torch) until the help is read.
+HelpText = Union[str, Callable[[], str]]
+
+
+def setting(default: Any = MISSING, *, help: HelpText, default_factory: Any = MISSING) -> Any:
+    """A config key and its help: the one place the key is explained."""
+    return field(default=default, default_factory=default_factory, metadata={"help": help})
+
+
+def field_help(f: dataclasses.Field) -> str:
+    """The help of a key declared with :func:`setting`."""
+    if "help" not in f.metadata:
+        raise KeyError(f"config key {f.name!r} has no help: declare it with setting(..., help=...)")
+    text = f.metadata["help"]
+    return text() if callable(text) else text
+
+
+def _one_of(names: typing.Iterable[str]) -> str:
+    *rest, last = names
+    return f"{', '.join(rest)} or {last}" if rest else last
+
+
+def _loss_names() -> str:
+    from nrd_dist.losses import LOSSES
+
+    return _one_of(LOSSES)
+
+
+def _model_names() -> str:
+    from nrd_dist.models import MODELS
+
+    return f"{_one_of(MODELS)} (random init)"
+
+
+def _noise_map_help() -> str:
+    from nrd_dist.data.noise import NAMED_MAPS
+
+    return (
+        f"asymmetric(_sequential): a named class map ({', '.join(NAMED_MAPS)}: nrd_dist.data.noise describes them) "
+        "or an explicit {from: to} one; asymmetric_sequential applies its pairs in this order"
+    )
+
+
+def _image_size_help() -> str:
+    from nrd_dist.data.augment import NATIVE_IMAGE_SIZE
+
+    sizes = ", ".join(f"{policy} {size}" for policy, size in NATIVE_IMAGE_SIZE.items())
+    return f"crop size of every view in pixels; null: the policy's native size ({sizes})"
+
+
 # ----------------------------------------------------------------------------- schema
 
 
 @dataclass
 class RunConfig:
-    output_dir: str = "runs/default"
-    seed: int = 0
+    output_dir: str = setting(
+        "runs/default", help="run folder: config.yaml, metrics.jsonl, tensorboard/, plots, summary.json"
+    )
+    seed: int = setting(0, help="seed of everything: init, data order, augmentations (with the epoch, rank, worker)")
 
 
 @dataclass
 class NoiseConfig:
-    """Load-time label noise (DESIGN.md section 1, "Synthetic noise")."""
+    """Load-time label noise (docs/design.md section 1, "Synthetic noise"), judged by
+    nrd_dist.data.noise (with data.num_classes, so :class:`DataConfig` asks it)."""
 
-    # asymmetric_sequential: the GJS/NRD authors' class-by-class, in-place relabelling
-    # (a later pair can move a sample again), for comparisons with the paper
-    type: Literal["none", "symmetric", "symmetric_exclusive", "asymmetric", "asymmetric_sequential",
-                  "matrix"] = "none"
-    rate: float = 0.0
-    seed: int = 0
-    # asymmetric(_sequential): "cifar10", "cifar100", "fmnist" or an explicit {from_class: to_class}
-    # mapping; asymmetric_sequential applies its pairs in this order
-    map: Optional[Union[str, dict[int, int]]] = None
-    # matrix: a row-stochastic num_classes x num_classes transition matrix
-    matrix: Optional[list[list[float]]] = None
-
-    def validate(self, path: str) -> None:
-        if not 0.0 <= self.rate <= 1.0:
-            raise ConfigError(f"{path}.rate: noise rate must lie in [0, 1], got {self.rate}")
-        if self.type in ("asymmetric", "asymmetric_sequential") and self.map is None:
-            raise ConfigError(f"{path}.map: {self.type} noise needs a map "
-                              "(cifar10, cifar100, fmnist or {from: to})")
-        if self.type == "matrix" and self.matrix is None:
-            raise ConfigError(f"{path}.matrix: matrix noise needs a transition matrix")
+    type: Literal["none", "symmetric", "symmetric_exclusive", "asymmetric", "asymmetric_sequential", "matrix"] = (
+        setting(
+            "none",
+            help="load-time label noise: none, symmetric (over all classes), symmetric_exclusive, asymmetric (each "
+            "sample's clean label flipped with probability rate), asymmetric_sequential (the GJS/NRD code's "
+            "class-by-class in-place relabelling, map pairs in order: cifar10 asym-40 mislabels cats at 0.24, all at "
+            "0.184), matrix",
+        )
+    )
+    rate: float = setting(0.0, help="noise rate eta in [0, 1]")
+    seed: int = setting(0, help="noise seed; with the sample key and clean label it fixes each noisy label")
+    map: Optional[Union[str, dict[int, int]]] = setting(None, help=_noise_map_help)
+    matrix: Optional[list[list[float]]] = setting(
+        None, help="matrix: a row-stochastic num_classes x num_classes transition matrix"
+    )
 
 
 @dataclass
 class AugmentConfig:
-    """Named augmentation policies (nrd_dist.data.augment)."""
+    """Named augmentation policies, judged by nrd_dist.data.augment (:class:`DataConfig` asks it)."""
 
-    policy: Literal["fmnist", "cifar", "imagenet"] = "fmnist"
-    image_size: Optional[int] = None  # crop size of every view, pixels; null: 28 / 32 / 224 by policy
-    resize_size: int = 256  # eval resize before the centre crop (imagenet policy only)
-    cutout: int = 16  # Cutout square side, pixels (cifar policy); 0 disables it
-
-    def validate(self, path: str) -> None:
-        if self.image_size is not None:
-            _positive(f"{path}.image_size", self.image_size)
-        _positive(f"{path}.resize_size", self.resize_size)
-        if self.cutout < 0:
-            raise ConfigError(f"{path}.cutout: must be >= 0, got {self.cutout}")
+    policy: Literal["fmnist", "cifar", "imagenet"] = setting(
+        "fmnist", help="view policy: fmnist (Fashion-MNIST, grey), cifar (CIFAR-10/100), imagenet (WebVision/ImageNet)"
+    )
+    image_size: Optional[int] = setting(None, help=_image_size_help)
+    resize_size: int = setting(256, help="eval resize before the centre crop (imagenet policy)")
+    cutout: int = setting(16, help="Cutout square side in pixels (cifar student view); 0 disables it")
 
 
 @dataclass
 class DataConfig:
-    train: Union[str, list[str]] = ""  # URL, brace pattern or list of shard URLs
-    val: dict[str, str] = field(default_factory=dict)  # val-set name -> shard URL(s)
-    num_classes: int = 10
-    batch_size: int = 128  # per rank
-    workers: int = 2  # DataLoader worker processes per rank
-    persistent_workers: bool = True  # keep the training loader's workers between epochs
-    shuffle_buffer: int = 2000  # samples held in the shuffle buffer per worker
-    samples_per_epoch: Optional[int] = None  # defines an epoch when streaming
-    sampling: Literal["epoch", "resampled"] = "epoch"  # shard dealing, see nrd_dist.data.shards
+    train: Union[str, list[str]] = setting(
+        "", help="training shards: URL, brace pattern (`train-{000000..000011}.tar`), glob or list"
+    )
+    val: dict[str, str] = setting(
+        default_factory=dict, help="clean validation sets: name -> shard URL/pattern; each is evaluated"
+    )
+    num_classes: int = setting(10, help="number of classes; labels must lie in [0, num_classes)")
+    batch_size: int = setting(128, help="samples per step per rank (the global batch is this x world size)")
+    workers: int = setting(2, help="DataLoader worker processes per rank")
+    persistent_workers: bool = setting(
+        True,
+        help="keep the training loader's worker processes between epochs (the batches are the same either way; "
+        "false restarts them each epoch)",
+    )
+    shuffle_buffer: int = setting(
+        2000, help="samples per worker held in the seeded shuffle buffer (0: shard order only)"
+    )
+    samples_per_epoch: Optional[int] = setting(
+        None, help="samples in one epoch; null: counted from the manifest.json beside the shards"
+    )
+    sampling: Literal["epoch", "resampled"] = setting(
+        "epoch",
+        help="epoch (a seeded shard permutation dealt to rank x worker slots, each sample about once per epoch) or "
+        "resampled (seeded shard draws with replacement, for very large sets); see nrd_dist.data.shards",
+    )
     noise: NoiseConfig = field(default_factory=NoiseConfig)
     augment: AugmentConfig = field(default_factory=AugmentConfig)
-    storage: dict[str, Any] = field(default_factory=dict)  # fsspec storage options
-    retries: int = 4  # attempts after a transient storage error, with exponential backoff
-    retry_backoff_s: float = 0.5  # first backoff; doubles per attempt
-    max_bad_fraction: float = 0.001  # corrupt samples / truncated shards tolerated, as a fraction
+    storage: dict[str, Any] = setting(
+        default_factory=dict,
+        help="options for remote shards (s3://, gs://, http(s)://): endpoint_url, profile, region, anonymous, or "
+        "any fsspec option; credentials from the AWS environment, never logged",
+    )
+    retries: int = setting(
+        4,
+        help="retries of a transient storage error (connection, timeout, 5xx) while opening or reading a shard; a "
+        "read resumes at the byte it reached",
+    )
+    retry_backoff_s: float = setting(0.5, help="seconds before the first retry; doubled for each further one")
+    max_bad_fraction: float = setting(
+        0.001,
+        help="corrupt samples and truncated shards are skipped, counted and logged (key, shard URL); the run stops "
+        "once they exceed this fraction of the samples read (at least one epoch's worth)",
+    )
 
     def validate(self, path: str) -> None:
         _positive(f"{path}.num_classes", self.num_classes)
@@ -129,32 +213,40 @@ class DataConfig:
         if self.samples_per_epoch is not None:
             _positive(f"{path}.samples_per_epoch", self.samples_per_epoch)
         if self.retries < 0 or self.retry_backoff_s < 0:
-            raise ConfigError(f"{path}.retries / {path}.retry_backoff_s: must be >= 0, got "
-                              f"{self.retries} / {self.retry_backoff_s}")
+            raise ConfigError(
+                f"{path}.retries / {path}.retry_backoff_s: must be >= 0, got {self.retries} / {self.retry_backoff_s}"
+            )
         if not 0 <= self.max_bad_fraction <= 1:
             raise ConfigError(f"{path}.max_bad_fraction: must be in [0, 1], got {self.max_bad_fraction}")
-        if self.noise.type != "none":
-            # The noise module is the one judge of a spec (maps and matrices need the
-            # class count); its messages name the field as "noise.<field>".
-            from nrd_dist.data.noise import transition_matrix
+        self.judge_components(path)
 
-            try:
-                transition_matrix(dataclasses.asdict(self.noise), self.num_classes)
-            except ValueError as err:
-                raise ConfigError(f"{path}.{err}") from None
+    def judge_components(self, path: str) -> None:
+        """The noise spec and the augmentation policy, each checked by its own module.
+
+        Here rather than in their sections: a noise map or matrix needs data.num_classes.
+        Both modules name the field as "noise.<field>" / "augment.<field>".
+        """
+        from nrd_dist.data.augment import check_policy
+        from nrd_dist.data.noise import check_spec
+
+        aug = self.augment
+        _judge(path, lambda: check_spec(self.noise, self.num_classes))
+        _judge(path, lambda: check_policy(aug.policy, aug.image_size, aug.resize_size, aug.cutout))
 
 
 @dataclass
 class ModelConfig:
-    arch: str = "small_cnn"
-    in_channels: int = 1
+    arch: str = setting("small_cnn", help=_model_names)
+    in_channels: int = setting(1, help="input channels: 1 for grey images, 3 for RGB")
 
     def validate(self, path: str) -> None:
         from nrd_dist.models import MODELS
 
         if self.arch not in MODELS:
-            raise ConfigError(f"{path}.arch: unknown model {self.arch!r}{_suggest(self.arch, MODELS)}; "
-                              f"valid: {', '.join(sorted(MODELS))}")
+            raise ConfigError(
+                f"{path}.arch: unknown model {self.arch!r}{_suggest(self.arch, MODELS)}; "
+                f"valid: {', '.join(sorted(MODELS))}"
+            )
         _positive(f"{path}.in_channels", self.in_channels)
 
 
@@ -164,23 +256,31 @@ class LossConfig:
 
     Parameters the chosen loss does not take are ignored (and listed by
     :meth:`ignored_params`, which the run logs), so ``loss.name=ce`` reruns an NRD config
-    as its CE baseline with everything else unchanged.
+    as its CE baseline with everything else unchanged. The loss judges the parameters it
+    takes (nrd_dist.losses); ignored ones are not judged.
     """
 
-    name: str = "nrd"
-    pi: Optional[list[float]] = field(default_factory=lambda: [0.1, 0.8, 0.1])  # nrd: [label, student, teacher]
-    scale: Optional[bool] = None  # GJS scaling -1/((1-pi1) log(1-pi1))
-    q: Optional[float] = None  # gce
-    alpha: Optional[float] = None  # sce, nce_rce
-    beta: Optional[float] = None  # sce, nce_rce, bs
-    epsilon: Optional[float] = None  # ls
+    name: str = setting("nrd", help=_loss_names)
+    pi: Optional[list[float]] = setting(
+        default_factory=lambda: [0.1, 0.8, 0.1],
+        help="JSD weights on the simplex: nrd/ce_nrd [label, student, teacher]; js/gjs [label, views...]",
+    )
+    scale: Optional[bool] = setting(
+        None, help="multiply by the GJS scale -1/((1-pi1) log(1-pi1)); null: the loss's default"
+    )
+    q: Optional[float] = setting(None, help="gce: q in (0, 1] (1: MAE-like, -> 0: CE)")
+    alpha: Optional[float] = setting(None, help="sce, nce_rce: weight of the first term")
+    beta: Optional[float] = setting(None, help="sce, nce_rce: weight of the reverse CE; bs: weight of the given label")
+    epsilon: Optional[float] = setting(None, help="ls: label smoothing")
 
-    _PARAMS = ("pi", "scale", "q", "alpha", "beta", "epsilon")
+    def param_names(self) -> list[str]:
+        """Every key but the name is a parameter of some loss."""
+        return [f.name for f in dataclasses.fields(self) if f.name != "name"]
 
     def accepted_params(self) -> list[str]:
         from nrd_dist.losses import LOSSES
 
-        return [n for n in inspect.signature(LOSSES[self.name]).parameters if n in self._PARAMS]
+        return [n for n in inspect.signature(LOSSES[self.name]).parameters if n in self.param_names()]
 
     def params(self) -> dict[str, Any]:
         """The parameters set in the config that the loss takes, for ``build_loss``."""
@@ -188,69 +288,84 @@ class LossConfig:
 
     def ignored_params(self) -> list[str]:
         accepted = self.accepted_params()
-        return [n for n in self._PARAMS if getattr(self, n) is not None and n not in accepted]
+        return [n for n in self.param_names() if getattr(self, n) is not None and n not in accepted]
 
     def validate(self, path: str) -> None:
         from nrd_dist.losses import LOSSES, build_loss
 
         if self.name not in LOSSES:
-            raise ConfigError(f"{path}.name: unknown loss {self.name!r}{_suggest(self.name, LOSSES)}; "
-                              f"valid: {', '.join(sorted(LOSSES))}")
-        if self.pi is not None:
-            if any(p < 0 for p in self.pi) or abs(sum(self.pi) - 1.0) > 1e-6:
-                raise ConfigError(f"{path}.pi: weights must be non-negative and sum to 1 "
-                                  f"(on the simplex), got {self.pi} (sum {sum(self.pi):.6g})")
-        if self.q is not None and not 0.0 < self.q <= 1.0:
-            raise ConfigError(f"{path}.q: must lie in (0, 1], got {self.q}")
-        if self.epsilon is not None and not 0.0 <= self.epsilon <= 1.0:
-            raise ConfigError(f"{path}.epsilon: must lie in [0, 1], got {self.epsilon}")
-        signature = inspect.signature(LOSSES[self.name]).parameters
-        for name in self.accepted_params():
-            if signature[name].default is inspect.Parameter.empty and getattr(self, name) is None:
-                raise ConfigError(f"{path}.{name}: loss {self.name!r} needs {name!r} (no default)")
-        try:  # the loss itself is the judge of the rest (pi's length, ...)
-            build_loss(self.name, **self.params())
-        except (TypeError, ValueError) as err:
-            raise ConfigError(f"{path}: {err}") from None
+            raise ConfigError(
+                f"{path}.name: unknown loss {self.name!r}{_suggest(self.name, LOSSES)}; "
+                f"valid: {', '.join(sorted(LOSSES))}"
+            )
+        # Building the loss runs its checks: a missing parameter, pi's length and simplex, q's range...
+        _judge(path, lambda: build_loss(self.name, **self.params()))
 
 
 @dataclass
 class TeacherConfig:
-    decay: float = 0.99  # EMA decay beta (paper eq. 24)
-    warmup_steps: int = 0  # copy the student instead of averaging for this many updates
-    every: int = 1  # update the teacher every this many optimizer steps
-    bn: Literal["eval", "batch"] = "eval"  # teacher BatchNorm: running statistics or batch statistics
-    verify_every: int = 100  # cross-rank teacher checksum cadence, steps (0: never)
-    # Decay ramp after the warm-up copies (nrd_dist.teacher.ramped_decay); none: the paper's constant decay.
-    ramp: Literal["none", "mean_teacher", "power"] = "none"
-    ramp_power: float = 2 / 3  # power ramp exponent (ema_pytorch's default; timm also uses 3/4)
-    ramp_gamma: float = 1.0  # power ramp time scale (ema_pytorch's inv_gamma, timm's warmup_gamma)
+    decay: float = setting(0.99, help="EMA decay beta (paper eq. 24: 0.99)")
+    warmup_steps: int = setting(
+        0, help="the first updates copy the student instead of averaging (a ramp starts after them)"
+    )
+    every: int = setting(1, help="update the teacher every this many optimizer steps")
+    bn: Literal["eval", "batch"] = setting(
+        "eval", help="teacher BatchNorm: eval (running statistics) or batch (batch statistics)"
+    )
+    verify_every: int = setting(100, help="cross-rank teacher checksum every this many steps (0: never)")
+    ramp: Literal["none", "mean_teacher", "power"] = setting(
+        "none",
+        help="decay ramp after the warm-up copies (nrd_dist.teacher.ramped_decay), t = updates since them: none "
+        "(constant decay, the paper), mean_teacher (min(decay, 1 - 1/(t+1)), Tarvainen & Valpola) or power "
+        "(min(decay, 1 - (1 + t/ramp_gamma)^-ramp_power), ema_pytorch / timm ModelEmaV3)",
+    )
+    ramp_power: float = setting(2 / 3, help="power ramp exponent (2/3 as ema_pytorch; timm also uses 3/4)")
+    ramp_gamma: float = setting(
+        1.0,
+        help="power ramp time scale: ema_pytorch's inv_gamma (divide by its update_every), timm's warmup_gamma",
+    )
 
     def validate(self, path: str) -> None:
-        if not 0.0 <= self.decay <= 1.0:
-            raise ConfigError(f"{path}.decay: must lie in [0, 1], got {self.decay}")
-        if self.warmup_steps < 0:
-            raise ConfigError(f"{path}.warmup_steps: must be >= 0, got {self.warmup_steps}")
-        _positive(f"{path}.every", self.every)
-        _positive(f"{path}.ramp_power", self.ramp_power)
-        _positive(f"{path}.ramp_gamma", self.ramp_gamma)
+        # The teacher module is the one judge of its settings' ranges (its constructors
+        # run the same check); its messages name the field as "<path>.<field>".
+        from nrd_dist.teacher import check_teacher_settings
+
+        try:
+            check_teacher_settings(
+                decay=self.decay,
+                warmup_steps=self.warmup_steps,
+                every=self.every,
+                bn=self.bn,
+                ramp=self.ramp,
+                ramp_power=self.ramp_power,
+                ramp_gamma=self.ramp_gamma,
+                prefix=path,
+            )
+        except ValueError as err:
+            raise ConfigError(str(err)) from None
         if self.verify_every < 0:
             raise ConfigError(f"{path}.verify_every: must be >= 0, got {self.verify_every}")
 
 
 @dataclass
 class OptimConfig:
-    name: Literal["sgd"] = "sgd"
-    lr: float = 0.1  # peak learning rate for the global batch
-    momentum: float = 0.9
-    nesterov: bool = False
-    weight_decay: float = 5e-4
-    epochs: int = 10
-    schedule: Literal["multistep", "cosine", "step_gamma", "constant"] = "cosine"
-    milestones: list[float] = field(default_factory=list)  # fractions (< 1) or epochs (>= 1)
-    gamma: float = 0.1  # decay factor at each milestone, or per epoch for step_gamma
-    warmup_epochs: float = 0.0  # linear warmup length
-    clip_grad_norm: Optional[float] = None
+    name: Literal["sgd"] = setting("sgd", help="optimizer (SGD)")
+    lr: float = setting(0.1, help="peak learning rate (for the global batch)")
+    momentum: float = setting(0.9, help="SGD momentum")
+    nesterov: bool = setting(False, help="Nesterov momentum")
+    weight_decay: float = setting(5e-4, help="L2 weight decay")
+    epochs: int = setting(10, help="training epochs")
+    schedule: Literal["multistep", "cosine", "step_gamma", "constant"] = setting(
+        "cosine", help="multistep, cosine, step_gamma (gamma per epoch) or constant"
+    )
+    milestones: list[float] = setting(
+        default_factory=list, help="multistep: epochs (>= 1) or fractions of the run (< 1)"
+    )
+    gamma: float = setting(0.1, help="decay factor at each milestone, or per epoch for step_gamma")
+    warmup_epochs: float = setting(0.0, help="linear learning-rate warm-up, in epochs (fractions allowed)")
+    clip_grad_norm: Optional[float] = setting(
+        None, help="clip the global gradient norm to this value; null: no clipping"
+    )
 
     def validate(self, path: str) -> None:
         if self.lr < 0:
@@ -275,43 +390,65 @@ COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-
 
 @dataclass
 class EngineConfig:
-    backend: Literal["ddp", "deepspeed"] = "ddp"
-    zero_stage: int = 0
-    precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
-    sync_bn: bool = False
-    grad_accum_steps: int = 1
-    timeout_s: int = 1800  # collective timeout: a dead rank fails the job after this long
-    compile: bool = False  # torch.compile the student, the teacher and the loss
-    compile_mode: str = "default"  # torch.compile mode
-    ddp_bucket_cap_mb: int = 25  # DDP gradient bucket size (torch's default)
+    backend: Literal["ddp", "deepspeed"] = setting("ddp", help="ddp (torchrun or one process) or deepspeed")
+    zero_stage: int = setting(0, help="DeepSpeed ZeRO stage 0-3")
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = setting(
+        "auto", help="auto (bf16 on GPU, fp32 on CPU), fp32, bf16 or fp16 (GPU, with loss scaling)"
+    )
+    sync_bn: bool = setting(False, help="SyncBatchNorm for the student under DDP (CUDA only, as in torch)")
+    grad_accum_steps: int = setting(1, help="gradient accumulation steps (deepspeed)")
+    timeout_s: int = setting(
+        1800, help="collective timeout in seconds: a dead or stuck rank fails the job instead of hanging it"
+    )
+    compile: bool = setting(
+        False,
+        help="torch.compile the student, the teacher and the loss (inductor; the first steps pay the compilation; "
+        "backend ddp or one process)",
+    )
+    compile_mode: str = setting(
+        "default", help=f"torch.compile mode: {', '.join(COMPILE_MODES)} (reduce-overhead: CUDA graphs)"
+    )
+    ddp_bucket_cap_mb: int = setting(
+        25,
+        help="DDP gradient bucket size in MiB (torch's default 25): larger buckets mean fewer all-reduce calls, "
+        "smaller ones start overlapping with the backward pass earlier (backend ddp with more than one process)",
+    )
 
     def validate(self, path: str) -> None:
         if self.zero_stage not in (0, 1, 2, 3):
             raise ConfigError(f"{path}.zero_stage: must be 0, 1, 2 or 3, got {self.zero_stage}")
         if self.zero_stage and self.backend != "deepspeed":
-            raise ConfigError(f"{path}.zero_stage: ZeRO needs engine.backend=deepspeed "
-                              f"(got backend {self.backend!r})")
+            raise ConfigError(f"{path}.zero_stage: ZeRO needs engine.backend=deepspeed (got backend {self.backend!r})")
         _positive(f"{path}.grad_accum_steps", self.grad_accum_steps)
         if self.grad_accum_steps > 1 and self.backend != "deepspeed":
             raise ConfigError(f"{path}.grad_accum_steps: gradient accumulation needs engine.backend=deepspeed")
         _positive(f"{path}.timeout_s", self.timeout_s)
         _positive(f"{path}.ddp_bucket_cap_mb", self.ddp_bucket_cap_mb)
         if self.compile_mode not in COMPILE_MODES:
-            raise ConfigError(f"{path}.compile_mode: must be one of {', '.join(COMPILE_MODES)}, "
-                              f"got {self.compile_mode!r}")
+            raise ConfigError(
+                f"{path}.compile_mode: must be one of {', '.join(COMPILE_MODES)}, got {self.compile_mode!r}"
+            )
         if self.compile and self.backend == "deepspeed":
-            raise ConfigError(f"{path}.compile: supported with engine.backend=ddp (and one process); "
-                              f"DeepSpeed's ZeRO hooks are not traced here")
+            raise ConfigError(
+                f"{path}.compile: supported with engine.backend=ddp (and one process); "
+                f"DeepSpeed's ZeRO hooks are not traced here"
+            )
 
 
 @dataclass
 class EvalConfig:
-    every_epochs: int = 1
-    batch_size: Optional[int] = None  # per rank; null: 2 x data.batch_size
+    every_epochs: int = setting(1, help="evaluate on data.val every this many epochs (and after the last)")
+    batch_size: Optional[int] = setting(None, help="evaluation batch per rank; null: 2 x data.batch_size")
     # Label-correction analysis at the end (training shards with clean labels only):
-    label_correction_samples: int = 2000  # training samples analysed (0: skip)
-    label_correction_views: int = 4  # K AugMix teacher views averaged per sample
-    noisy_val: list[str] = field(default_factory=list)  # data.val sets that get data.noise too
+    label_correction_samples: int = setting(
+        2000, help="training samples in the final label-correction analysis (0: skip)"
+    )
+    label_correction_views: int = setting(4, help="K AugMix teacher views averaged per sample in that analysis")
+    noisy_val: list[str] = setting(
+        default_factory=list,
+        help="names of data.val sets whose labels get data.noise too (e.g. a held-out part of the training set): "
+        "accuracy on noisy labels, for choosing hyperparameters without clean labels",
+    )
 
     def validate(self, path: str) -> None:
         _positive(f"{path}.every_epochs", self.every_epochs)
@@ -324,7 +461,7 @@ class EvalConfig:
 
 @dataclass
 class LogConfig:
-    every_steps: int = 50
+    every_steps: int = setting(50, help="log line, metrics.jsonl record and TensorBoard scalars every this many steps")
 
     def validate(self, path: str) -> None:
         _positive(f"{path}.every_steps", self.every_steps)
@@ -332,8 +469,12 @@ class LogConfig:
 
 @dataclass
 class TrainConfig:
-    nonfinite: Literal["stop", "skip"] = "stop"  # what a non-finite loss does
-    nonfinite_budget: int = 10  # skip: steps that may be skipped before the run stops
+    nonfinite: Literal["stop", "skip"] = setting(
+        "stop", help="a non-finite loss: stop (naming the step and the batch's sample keys) or skip the step"
+    )
+    nonfinite_budget: int = setting(
+        10, help="skip: steps that may be skipped (counted and logged) before the run stops"
+    )
 
     def validate(self, path: str) -> None:
         if self.nonfinite_budget < 0:
@@ -342,10 +483,19 @@ class TrainConfig:
 
 @dataclass
 class CheckpointConfig:
-    every_steps: int = 0  # 0: only at epoch ends
-    keep: int = 3
-    resume: Literal["auto", "never", "force"] = "auto"
-    zero_portable: bool = True  # ZeRO: also save a world-size-independent copy (elastic resume)
+    every_steps: int = setting(0, help="checkpoint every this many steps (0: epoch ends only); always at epoch ends")
+    keep: int = setting(3, help="complete checkpoints kept (the newest)")
+    resume: Literal["auto", "never", "force"] = setting(
+        "auto",
+        help="auto (continue from the latest checkpoint in run.output_dir), never, or force (resume even if model, "
+        "loss or data changed)",
+    )
+    zero_portable: bool = setting(
+        True,
+        help="ZeRO-1/2/3: also save the full fp32 weights and optimizer state gathered on rank 0, so the run can "
+        "resume on a different number of ranks (elastic); off skips the gather for models too large for one "
+        "rank's memory",
+    )
 
     def validate(self, path: str) -> None:
         if self.every_steps < 0:
@@ -416,7 +566,7 @@ def apply_override(raw: dict[str, Any], item: str) -> None:
         if child is None:
             child = node[part] = {}
         if not isinstance(child, dict):
-            raise ConfigError(f"{'.'.join(parts[:depth + 1])}: is a value, cannot set {key}")
+            raise ConfigError(f"{'.'.join(parts[: depth + 1])}: is a value, cannot set {key}")
         node = child
     node[parts[-1]] = value
 
@@ -434,16 +584,20 @@ def dump_config(cfg: Config, path: Union[str, Path]) -> None:
     Path(path).write_text(yaml.safe_dump(redact_config(to_dict(cfg)), sort_keys=False))
 
 
+def schema_fields(cls: type = Config, prefix: str = "") -> Iterator[tuple[str, dataclasses.Field, Any]]:
+    """(dotted key, field, type hint) of every key of the schema in declaration order,
+    each section before its keys."""
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        key = f"{prefix}{f.name}"
+        yield key, f, hints[f.name]
+        if dataclasses.is_dataclass(hints[f.name]):
+            yield from schema_fields(hints[f.name], key + ".")
+
+
 def all_keys(cls: type = Config, prefix: str = "") -> list[str]:
     """Every dotted key path of the schema (for suggestions and docs)."""
-    keys = []
-    for f in dataclasses.fields(cls):
-        path = f"{prefix}{f.name}"
-        keys.append(path)
-        hint = typing.get_type_hints(cls)[f.name]
-        if dataclasses.is_dataclass(hint):
-            keys.extend(all_keys(hint, path + "."))
-    return keys
+    return [key for key, _, _ in schema_fields(cls, prefix)]
 
 
 # ----------------------------------------------------------------------------- internals
@@ -494,8 +648,9 @@ def _coerce(hint: Any, value: Any, path: str) -> Any:
     if origin is Literal:
         if value not in args:
             choices = ", ".join(map(str, args))
-            raise ConfigError(f"{path}: invalid value {value!r}{_suggest(str(value), map(str, args))}; "
-                              f"valid: {choices}")
+            raise ConfigError(
+                f"{path}: invalid value {value!r}{_suggest(str(value), map(str, args))}; valid: {choices}"
+            )
         return value
     if origin is list:
         if not isinstance(value, list):
@@ -539,6 +694,16 @@ def _validate(node: Any, path: str) -> None:
             _validate(child, f"{path}.{f.name}" if path else f.name)
     if hasattr(node, "validate"):
         node.validate(path)
+
+
+def _judge(path: str, check: Callable[[], Any]) -> None:
+    """Run a component's own check of its settings. Its messages start with the field's
+    key below ``path`` ("q: must lie in (0, 1]"), so the ConfigError names the full key
+    ("loss.q: ...")."""
+    try:
+        check()
+    except (TypeError, ValueError) as err:
+        raise ConfigError(f"{path}.{err}") from None
 
 
 def _positive(path: str, value: float) -> None:

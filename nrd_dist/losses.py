@@ -20,6 +20,11 @@ Class attributes the train loop reads:
 * ``needs_teacher``: whether the loss uses ``teacher_probs`` (if not, the teacher
   forward is skipped entirely);
 * ``multi_view``: whether ``student_logits`` is a list of views.
+
+A loss is the one judge of its parameters: an invalid one raises a ``ValueError`` (a
+``TypeError`` for a wrong type or a missing one) whose message starts with the
+parameter's name (``q: must lie in (0, 1], got 1.5``), so that the config reports it
+under its own key (``loss.q``) without checking anything itself.
 """
 
 from __future__ import annotations
@@ -39,9 +44,10 @@ __all__ = [
     "generalized_jsd",
     "gjs_scale",
     "NoiseRobustLoss",
+    "JSDLoss",
 ]
 
-# Floor for the mixture before its log (DESIGN.md section 1): keeps log m finite when
+# Floor for the mixture before its log (docs/design.md section 1): keeps log m finite when
 # every distribution puts (numerically) zero mass on a class.
 MIXTURE_EPS = 1e-7
 # Tolerance on sum(pi) == 1.
@@ -56,8 +62,9 @@ SCALE_GUARD = 1e-12
 # Looked up once here for the usual device types: torch.compile (torch 2.11) cannot trace
 # is_autocast_available and broke every compiled loss into pieces at that call
 # (measured on an H100). Other device types are asked each time.
-AUTOCAST_AVAILABLE = {device_type: torch.amp.is_autocast_available(device_type)
-                      for device_type in ("cpu", "cuda", "xpu", "mps", "hpu")}
+AUTOCAST_AVAILABLE = {
+    device_type: torch.amp.is_autocast_available(device_type) for device_type in ("cpu", "cuda", "xpu", "mps", "hpu")
+}
 
 
 @contextlib.contextmanager
@@ -85,9 +92,7 @@ def _plogp(p: torch.Tensor) -> torch.Tensor:
     return torch.where(positive, p * torch.log(safe), torch.zeros_like(p))
 
 
-def generalized_jsd(
-    dists: Sequence[torch.Tensor], pi: Sequence[float], reduction: str = "mean"
-) -> torch.Tensor:
+def generalized_jsd(dists: Sequence[torch.Tensor], pi: Sequence[float], reduction: str = "mean") -> torch.Tensor:
     """Generalized Jensen-Shannon divergence ``JSD_pi(p_1, ..., p_k)`` in nats.
 
     ``JSD_pi = sum_i pi_i * KL(p_i || m)`` with ``m = sum_i pi_i * p_i``, where
@@ -109,14 +114,12 @@ def generalized_jsd(
         raise ValueError("generalized_jsd: needs at least one distribution")
     if reduction not in ("mean", "none"):
         raise ValueError(f"generalized_jsd: reduction must be 'mean' or 'none', got {reduction!r}")
-    _check_simplex(pi, len(pi), "pi")
+    _check_simplex(pi, len(pi))
     with _autocast_off(dists[0].device):
         probs = [d.float() for d in dists]
         mixture = sum(w * p for w, p in zip(pi, probs))
         log_mixture = torch.log(torch.clamp(mixture, MIXTURE_EPS, 1.0))
-        per_sample = sum(
-            w * (_plogp(p) - p * log_mixture).sum(dim=-1) for w, p in zip(pi, probs)
-        )
+        per_sample = sum(w * (_plogp(p) - p * log_mixture).sum(dim=-1) for w, p in zip(pi, probs))
     return per_sample.mean() if reduction == "mean" else per_sample
 
 
@@ -132,39 +135,47 @@ def gjs_scale(pi1: float) -> float:
     return -1.0 / ((1.0 - pi1) * math.log(1.0 - pi1))
 
 
-def _check_simplex(pi: Sequence[float], length: int, name: str) -> list[float]:
-    """Validate ``pi`` as ``length`` finite non-negative floats summing to 1."""
+def _check_simplex(pi: Sequence[float], length: int, roles: Sequence[str] = ()) -> list[float]:
+    """``pi`` as ``length`` floats on the simplex; ``roles`` name the entries for the message."""
     if isinstance(pi, (str, bytes)) or not isinstance(pi, Sequence):
-        raise TypeError(f"{name} must be a list of {length} floats, got {pi!r}")
+        raise TypeError(f"pi: must be a list of {length} floats, got {pi!r}")
     if len(pi) != length:
-        raise ValueError(f"{name} must have {length} entries, got {len(pi)}: {list(pi)}")
+        named = f" [{', '.join(roles)}]" if roles else ""
+        raise ValueError(f"pi: must have {length} entries{named}, got {len(pi)}: {list(pi)}")
     try:
         weights = [float(w) for w in pi]
     except (TypeError, ValueError):
-        raise TypeError(f"{name} must be a list of floats, got {list(pi)!r}") from None
-    if any(not math.isfinite(w) or w < 0.0 for w in weights):
-        raise ValueError(f"{name} must be non-negative and finite, got {weights}")
-    if abs(sum(weights) - 1.0) > SIMPLEX_TOL:
-        raise ValueError(f"{name} must sum to 1 (within {SIMPLEX_TOL}), got sum {sum(weights)!r}: {weights}")
+        raise TypeError(f"pi: must be a list of floats, got {list(pi)!r}") from None
+    total = sum(weights)
+    if any(not math.isfinite(w) or w < 0.0 for w in weights) or abs(total - 1.0) > SIMPLEX_TOL:
+        raise ValueError(
+            f"pi: weights must be non-negative and sum to 1 (on the simplex, within {SIMPLEX_TOL:g}), "
+            f"got {weights} (sum {total:.6g})"
+        )
     return weights
 
 
 def _check_bool(value: object, name: str) -> bool:
     if not isinstance(value, bool):
-        raise TypeError(f"{name} must be a bool, got {value!r}")
+        raise TypeError(f"{name}: must be true or false, got {value!r}")
     return value
 
 
 def _check_range(value: object, name: str, low: float, high: float, *, low_open: bool = False) -> float:
-    """Validate a float in ``[low, high]`` (``(low, high]`` with ``low_open``)."""
+    """``value`` as a float in ``[low, high]`` (``(low, high]`` with ``low_open``)."""
     if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise TypeError(f"{name} must be a number, got {value!r}")
+        raise TypeError(f"{name}: must be a number, got {value!r}")
     value = float(value)
     below = value <= low if low_open else value < low
     if below or value > high or not math.isfinite(value):
-        interval = f"{'(' if low_open else '['}{low}, {high}]"
-        raise ValueError(f"{name} must be in {interval}, got {value}")
+        raise ValueError(f"{name}: must {_interval(low, high, low_open)}, got {value}")
     return value
+
+
+def _interval(low: float, high: float, low_open: bool) -> str:
+    if high == math.inf:
+        return f"be {'>' if low_open else '>='} {low:g}"
+    return f"lie in {'(' if low_open else '['}{low:g}, {high:g}]"
 
 
 def _rce(probs: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
@@ -224,13 +235,29 @@ class NoiseRobustLoss(nn.Module):
             kind = "a tensor or a list of tensors" if self.multi_view else "a tensor [B, C]"
             raise TypeError(f"{self.name}: student_logits must be {kind}, got {type(student_logits).__name__}")
         if not views or any(v.dim() != 2 or v.shape != views[0].shape for v in views):
-            raise ValueError(f"{self.name}: student_logits must be [B, C] tensor(s) of one shape, "
-                             f"got {[list(v.shape) for v in views]}")
+            raise ValueError(
+                f"{self.name}: student_logits must be [B, C] tensor(s) of one shape, "
+                f"got {[list(v.shape) for v in views]}"
+            )
         return views
 
     def compute(self, student_logits, target: torch.Tensor, teacher_probs: torch.Tensor | None) -> torch.Tensor:
         """Per-sample loss ``[B]`` from fp32 inputs (autocast already off)."""
         raise NotImplementedError
+
+    def extra_repr(self) -> str:
+        # Each loss keeps its checked parameters as attributes of the same names: "pi=[...], scale=False".
+        return ", ".join(f"{name}={getattr(self, name)}" for name in _parameters(type(self)))
+
+
+def _parameters(cls: type[NoiseRobustLoss]) -> dict[str, inspect.Parameter]:
+    """The loss's parameters: the named arguments of its ``__init__``.
+
+    Named ones only: classes without an ``__init__`` of their own inherit nn.Module's
+    ``(*args, **kwargs)``, which takes nothing here.
+    """
+    parameters = inspect.signature(cls.__init__).parameters.values()
+    return {p.name: p for p in parameters if p.name != "self" and p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)}
 
 
 LOSSES: dict[str, type[NoiseRobustLoss]] = {}
@@ -251,30 +278,21 @@ def build_loss(name: str, **params) -> NoiseRobustLoss:
     Raises:
         ValueError: unknown ``name`` (the message lists the valid names) or a
             parameter value out of range.
-        TypeError: an unknown or missing parameter (named in the message) or a
-            parameter of the wrong type.
+        TypeError: an unknown or missing parameter or one of the wrong type.
+        Messages about a parameter start with its name (see the module doc).
     """
     if name not in LOSSES:
         raise ValueError(f"unknown loss {name!r}; valid names: {', '.join(sorted(LOSSES))}")
     cls = LOSSES[name]
-    signature = inspect.signature(cls.__init__)
-    # Named parameters only: classes without their own __init__ inherit nn.Module's
-    # (*args, **kwargs), which takes nothing here.
-    accepted = [
-        p.name for p in signature.parameters.values()
-        if p.name != "self" and p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)
-    ]
+    accepted = _parameters(cls)
     unknown = sorted(set(params) - set(accepted))
     if unknown:
         raise TypeError(
-            f"loss {name!r}: unknown parameter(s) {unknown}; accepted: {accepted or 'none'}"
+            f"{', '.join(unknown)}: not a parameter of loss {name!r} (it takes {', '.join(accepted) or 'none'})"
         )
-    missing = [
-        p for p in accepted
-        if signature.parameters[p].default is inspect.Parameter.empty and p not in params
-    ]
+    missing = [p for p, spec in accepted.items() if spec.default is inspect.Parameter.empty and p not in params]
     if missing:
-        raise TypeError(f"loss {name!r}: missing required parameter(s) {missing}")
+        raise TypeError(f"{missing[0]}: required by loss {name!r} (no default)")
     return cls(**params)
 
 
@@ -285,8 +303,29 @@ def _onehot(target: torch.Tensor, num_classes: int) -> torch.Tensor:
     return F.one_hot(target, num_classes).float()
 
 
+class JSDLoss(NoiseRobustLoss):
+    """Base of the losses built on :func:`generalized_jsd` (``nrd``, ``js``, ``gjs``,
+    ``ce_nrd``): it checks ``pi`` and ``scale`` and fixes the GJS factor of ``pi[0]``.
+
+    Subclasses keep ``pi`` and ``scale`` in their own ``__init__``, whose signature is
+    what ``build_loss`` and the config read (each loss has its own ``scale`` default),
+    and pass the roles of ``pi``'s entries on (error messages list them).
+    """
+
+    def __init__(self, pi: Sequence[float], scale: bool, roles: Sequence[str]):
+        super().__init__()
+        self.pi = _check_simplex(pi, len(roles), roles)
+        self.scale = _check_bool(scale, "scale")
+        self.factor = gjs_scale(self.pi[0]) if self.scale else 1.0
+
+    def label_jsd(self, target: torch.Tensor, probs: Sequence[torch.Tensor]) -> torch.Tensor:
+        """Per sample, ``factor * JSD_pi(onehot(y), *probs)``."""
+        dists = [_onehot(target, probs[0].shape[1]), *probs]
+        return self.factor * generalized_jsd(dists, self.pi, reduction="none")
+
+
 @_register("nrd")
-class NRDLoss(NoiseRobustLoss):
+class NRDLoss(JSDLoss):
     """Noise-Robust Distillation: ``JSD_pi(onehot(y), softmax(student), teacher_probs)``.
 
     Args:
@@ -297,21 +336,14 @@ class NRDLoss(NoiseRobustLoss):
     needs_teacher = True
 
     def __init__(self, pi: Sequence[float], scale: bool = False):
-        super().__init__()
-        self.pi = _check_simplex(pi, 3, "nrd: pi")
-        self.scale = _check_bool(scale, "nrd: scale")
-        self.factor = gjs_scale(self.pi[0]) if self.scale else 1.0
+        super().__init__(pi, scale, ("label", "student", "teacher"))
 
     def compute(self, student_logits, target, teacher_probs):
-        dists = [_onehot(target, student_logits.shape[1]), F.softmax(student_logits, dim=1), teacher_probs]
-        return self.factor * generalized_jsd(dists, self.pi, reduction="none")
-
-    def extra_repr(self) -> str:
-        return f"pi={self.pi}, scale={self.scale}"
+        return self.label_jsd(target, [F.softmax(student_logits, dim=1), teacher_probs])
 
 
 @_register("js")
-class JSLoss(NoiseRobustLoss):
+class JSLoss(JSDLoss):
     """JS loss (Englesson & Azizpour, 2021): ``JSD_pi(onehot(y), softmax(student))``.
 
     Args:
@@ -320,21 +352,14 @@ class JSLoss(NoiseRobustLoss):
     """
 
     def __init__(self, pi: Sequence[float], scale: bool = True):
-        super().__init__()
-        self.pi = _check_simplex(pi, 2, "js: pi")
-        self.scale = _check_bool(scale, "js: scale")
-        self.factor = gjs_scale(self.pi[0]) if self.scale else 1.0
+        super().__init__(pi, scale, ("label", "student"))
 
     def compute(self, student_logits, target, teacher_probs):
-        dists = [_onehot(target, student_logits.shape[1]), F.softmax(student_logits, dim=1)]
-        return self.factor * generalized_jsd(dists, self.pi, reduction="none")
-
-    def extra_repr(self) -> str:
-        return f"pi={self.pi}, scale={self.scale}"
+        return self.label_jsd(target, [F.softmax(student_logits, dim=1)])
 
 
 @_register("gjs")
-class GJSLoss(NoiseRobustLoss):
+class GJSLoss(JSDLoss):
     """GJS loss: ``JSD_pi(onehot(y), softmax(view_1), ..., softmax(view_M))``.
 
     ``student_logits`` is a list of ``M = len(pi) - 1`` tensors ``[B, C]``, the student's
@@ -349,13 +374,7 @@ class GJSLoss(NoiseRobustLoss):
     multi_view = True
 
     def __init__(self, pi: Sequence[float], scale: bool = True):
-        super().__init__()
-        length = len(pi) if isinstance(pi, Sequence) and not isinstance(pi, (str, bytes)) else 0
-        if length < 2:
-            raise ValueError(f"gjs: pi must have 1 + M >= 2 entries (label, then one per view), got {pi!r}")
-        self.pi = _check_simplex(pi, length, "gjs: pi")
-        self.scale = _check_bool(scale, "gjs: scale")
-        self.factor = gjs_scale(self.pi[0]) if self.scale else 1.0
+        super().__init__(pi, scale, _view_roles(pi))
 
     @property
     def num_views(self) -> int:
@@ -363,21 +382,21 @@ class GJSLoss(NoiseRobustLoss):
         return len(self.pi) - 1
 
     def compute(self, student_logits, target, teacher_probs):
-        views = len(self.pi) - 1
-        if len(student_logits) != views:
-            raise ValueError(
-                f"gjs: expected {views} student views (len(pi) - 1), got {len(student_logits)}"
-            )
-        dists = [_onehot(target, student_logits[0].shape[1])]
-        dists += [F.softmax(v, dim=1) for v in student_logits]
-        return self.factor * generalized_jsd(dists, self.pi, reduction="none")
+        if len(student_logits) != self.num_views:
+            raise ValueError(f"gjs: expected {self.num_views} student views (len(pi) - 1), got {len(student_logits)}")
+        return self.label_jsd(target, [F.softmax(v, dim=1) for v in student_logits])
 
-    def extra_repr(self) -> str:
-        return f"pi={self.pi}, scale={self.scale}"
+
+def _view_roles(pi: object) -> list[str]:
+    """``["label", "view_1", ..., "view_M"]`` for GJS weights: ``pi``'s length sets ``M``."""
+    length = len(pi) if isinstance(pi, Sequence) and not isinstance(pi, (str, bytes)) else 0
+    if length < 2:
+        raise ValueError(f"pi: must have 1 + M >= 2 entries (label, then one per student view), got {pi!r}")
+    return ["label"] + [f"view_{i}" for i in range(1, length)]
 
 
 @_register("ce_nrd")
-class CENRDLoss(NoiseRobustLoss):
+class CENRDLoss(JSDLoss):
     """NRD on top of CE (paper Fig. 5): ``CE(student, y) + JSD_pi'(p_s, p_t)``.
 
     ``pi' = (pi[1], pi[2]) / (pi[1] + pi[2])``. The label enters once, through CE, which
@@ -394,22 +413,16 @@ class CENRDLoss(NoiseRobustLoss):
     needs_teacher = True
 
     def __init__(self, pi: Sequence[float], scale: bool = False):
-        super().__init__()
-        self.pi = _check_simplex(pi, 3, "ce_nrd: pi")
+        super().__init__(pi, scale, ("label", "student", "teacher"))
         distill = self.pi[1] + self.pi[2]
         if distill <= 0.0:
-            raise ValueError(f"ce_nrd: pi[1] + pi[2] must be > 0 (student/teacher weights), got {self.pi}")
+            raise ValueError(f"pi: pi[1] + pi[2] (the student and teacher weights) must be > 0, got {self.pi}")
         self.pair_pi = [self.pi[1] / distill, self.pi[2] / distill]
-        self.scale = _check_bool(scale, "ce_nrd: scale")
-        self.factor = gjs_scale(self.pi[0]) if self.scale else 1.0
 
     def compute(self, student_logits, target, teacher_probs):
         ce = F.cross_entropy(student_logits, target, reduction="none")
         jsd = generalized_jsd([F.softmax(student_logits, dim=1), teacher_probs], self.pair_pi, reduction="none")
         return ce + self.factor * jsd
-
-    def extra_repr(self) -> str:
-        return f"pi={self.pi}, scale={self.scale}"
 
 
 # ------------------------------------------------------------------------- baselines
@@ -440,15 +453,12 @@ class BootstrapLoss(NoiseRobustLoss):
 
     def __init__(self, beta: float = 0.8):
         super().__init__()
-        self.beta = _check_range(beta, "bs: beta", 0.0, 1.0)
+        self.beta = _check_range(beta, "beta", 0.0, 1.0)
 
     def compute(self, student_logits, target, teacher_probs):
         log_probs = F.log_softmax(student_logits, dim=1)
         soft_target = self.beta * _onehot(target, log_probs.shape[1]) + (1.0 - self.beta) * log_probs.exp()
         return -(soft_target * log_probs).sum(dim=1)
-
-    def extra_repr(self) -> str:
-        return f"beta={self.beta}"
 
 
 @_register("ls")
@@ -461,13 +471,10 @@ class LabelSmoothingLoss(NoiseRobustLoss):
 
     def __init__(self, epsilon: float = 0.1):
         super().__init__()
-        self.epsilon = _check_range(epsilon, "ls: epsilon", 0.0, 1.0)
+        self.epsilon = _check_range(epsilon, "epsilon", 0.0, 1.0)
 
     def compute(self, student_logits, target, teacher_probs):
         return F.cross_entropy(student_logits, target, reduction="none", label_smoothing=self.epsilon)
-
-    def extra_repr(self) -> str:
-        return f"epsilon={self.epsilon}"
 
 
 @_register("sce")
@@ -483,15 +490,12 @@ class SCELoss(NoiseRobustLoss):
 
     def __init__(self, alpha: float, beta: float):
         super().__init__()
-        self.alpha = _check_range(alpha, "sce: alpha", 0.0, math.inf)
-        self.beta = _check_range(beta, "sce: beta", 0.0, math.inf)
+        self.alpha = _check_range(alpha, "alpha", 0.0, math.inf)
+        self.beta = _check_range(beta, "beta", 0.0, math.inf)
 
     def compute(self, student_logits, target, teacher_probs):
         ce = F.cross_entropy(student_logits, target, reduction="none")
         return self.alpha * ce + self.beta * _rce(F.softmax(student_logits, dim=1), target)
-
-    def extra_repr(self) -> str:
-        return f"alpha={self.alpha}, beta={self.beta}"
 
 
 @_register("gce")
@@ -508,14 +512,11 @@ class GCELoss(NoiseRobustLoss):
 
     def __init__(self, q: float = 0.7):
         super().__init__()
-        self.q = _check_range(q, "gce: q", 0.0, 1.0, low_open=True)
+        self.q = _check_range(q, "q", 0.0, 1.0, low_open=True)
 
     def compute(self, student_logits, target, teacher_probs):
         log_p_y = F.log_softmax(student_logits, dim=1).gather(1, target[:, None]).squeeze(1)
         return -torch.expm1(self.q * log_p_y) / self.q
-
-    def extra_repr(self) -> str:
-        return f"q={self.q}"
 
 
 @_register("nce_rce")
@@ -531,13 +532,10 @@ class NCERCELoss(NoiseRobustLoss):
 
     def __init__(self, alpha: float, beta: float):
         super().__init__()
-        self.alpha = _check_range(alpha, "nce_rce: alpha", 0.0, math.inf)
-        self.beta = _check_range(beta, "nce_rce: beta", 0.0, math.inf)
+        self.alpha = _check_range(alpha, "alpha", 0.0, math.inf)
+        self.beta = _check_range(beta, "beta", 0.0, math.inf)
 
     def compute(self, student_logits, target, teacher_probs):
         log_probs = F.log_softmax(student_logits, dim=1)
         nce = log_probs.gather(1, target[:, None]).squeeze(1) / log_probs.sum(dim=1)
         return self.alpha * nce + self.beta * _rce(log_probs.exp(), target)
-
-    def extra_repr(self) -> str:
-        return f"alpha={self.alpha}, beta={self.beta}"

@@ -23,6 +23,7 @@ def register(name: str):
     def wrap(fn):
         MODELS[name] = fn
         return fn
+
     return wrap
 
 
@@ -50,8 +51,12 @@ def small_cnn(num_classes: int, in_channels: int = 1, width: int = 32) -> nn.Mod
 
     def block(cin, cout):
         return nn.Sequential(
-            nn.Conv2d(cin, cout, 3, padding=1, bias=False), nn.BatchNorm2d(cout), nn.ReLU(inplace=True),
-            nn.Conv2d(cout, cout, 3, padding=1, bias=False), nn.BatchNorm2d(cout), nn.ReLU(inplace=True),
+            nn.Conv2d(cin, cout, 3, padding=1, bias=False),
+            nn.BatchNorm2d(cout),
+            nn.ReLU(inplace=True),
+            nn.Conv2d(cout, cout, 3, padding=1, bias=False),
+            nn.BatchNorm2d(cout),
+            nn.ReLU(inplace=True),
             nn.MaxPool2d(2),
         )
 
@@ -74,8 +79,12 @@ def small_cnn(num_classes: int, in_channels: int = 1, width: int = 32) -> nn.Mod
 def mlp(num_classes: int, in_channels: int = 1, image_size: int = 28, hidden: int = 64) -> nn.Module:
     """A two-layer perceptron without BatchNorm: its loss on a batch does not depend on
     how the batch is split over ranks, so the equivalence tests of the engines use it."""
-    return nn.Sequential(nn.Flatten(), nn.Linear(in_channels * image_size ** 2, hidden),
-                         nn.ReLU(inplace=True), nn.Linear(hidden, num_classes))
+    return nn.Sequential(
+        nn.Flatten(),
+        nn.Linear(in_channels * image_size**2, hidden),
+        nn.ReLU(inplace=True),
+        nn.Linear(hidden, num_classes),
+    )
 
 
 # ----------------------------------------------------------------------------- PreAct ResNet

@@ -9,7 +9,17 @@ import pytest
 import torch
 from torchvision.transforms import v2
 
-from nrd_dist.data.augment import NORMALIZATION, Cutout, Policy, TrainViews, build_policy
+from nrd_dist.data.augment import (
+    NATIVE_IMAGE_SIZE,
+    NORMALIZATION,
+    POLICIES,
+    Cutout,
+    Policy,
+    TrainViews,
+    build_policy,
+    check_policy,
+    view_size,
+)
 
 FMNIST_TEST_IMAGES = Path("/usr/share/datasets/fashion-mnist/t10k-images-idx3-ubyte.gz")
 
@@ -193,8 +203,10 @@ def test_cifar_student_composition():
     cut = student[index_of(student, Cutout)]
     assert cut.length == 5
     # Order: RandAugment, crop, flip on uint8; Cutout after Normalize (erases to the mean).
-    order = [index_of(student, c) for c in (v2.RandAugment, v2.RandomCrop, v2.RandomHorizontalFlip,
-                                             v2.ToDtype, v2.Normalize, Cutout)]
+    order = [
+        index_of(student, c)
+        for c in (v2.RandAugment, v2.RandomCrop, v2.RandomHorizontalFlip, v2.ToDtype, v2.Normalize, Cutout)
+    ]
     assert order == sorted(order) == list(range(6))
     assert build_policy("cifar").student.transforms[-1].length == 16  # the GJS default
 
@@ -218,8 +230,13 @@ def test_cifar_student_cutout_erases_to_the_dataset_mean():
 def test_imagenet_student_and_eval_composition():
     policy = build_policy("imagenet")
     student = ops(policy.student)
-    assert [type(t) for t in student] == [v2.RandomResizedCrop, v2.RandomHorizontalFlip, v2.ColorJitter,
-                                          v2.ToDtype, v2.Normalize]
+    assert [type(t) for t in student] == [
+        v2.RandomResizedCrop,
+        v2.RandomHorizontalFlip,
+        v2.ColorJitter,
+        v2.ToDtype,
+        v2.Normalize,
+    ]
     assert student[0].size == (224, 224)
     jitter = student[2]
     assert jitter.brightness == pytest.approx((0.6, 1.4))
@@ -242,9 +259,36 @@ def test_fmnist_student_composition():
 
 
 def test_unknown_policy_names_the_config_key():
-    with pytest.raises(ValueError, match=r"data\.augment\.policy") as info:
+    with pytest.raises(ValueError, match=r"augment\.policy: unknown policy 'mnist'; valid: fmnist, cifar, imagenet"):
         build_policy("mnist")
-    assert "mnist" in str(info.value)
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        (dict(image_size=0), r"augment\.image_size: must be > 0, got 0"),
+        (dict(resize_size=-1), r"augment\.resize_size: must be > 0, got -1"),
+        (dict(cutout=-1), r"augment\.cutout: must be >= 0, got -1"),
+    ],
+)
+def test_policy_arguments_are_judged_here(kwargs, message):
+    # build_policy and the config run the same check (check_policy).
+    with pytest.raises(ValueError, match=message):
+        check_policy("cifar", **kwargs)
+    with pytest.raises(ValueError, match=message):
+        build_policy("cifar", **kwargs)
+
+
+def test_view_size_is_the_native_size_unless_given():
+    assert set(NATIVE_IMAGE_SIZE) == set(POLICIES)
+    assert NATIVE_IMAGE_SIZE == {"fmnist": 28, "cifar": 32, "imagenet": 224}
+    for policy, size in NATIVE_IMAGE_SIZE.items():
+        assert view_size(policy) == size and view_size(policy, 48) == 48
+        torch.manual_seed(0)
+        shape = (3, 300, 260) if policy == "imagenet" else (3 - 2 * (policy == "fmnist"), size, size)
+        assert build_policy(policy).eval(random_image(shape)).shape[-1] == size
+    # At another size the small datasets' eval view resizes.
+    assert [type(t) for t in ops(build_policy("cifar", image_size=24).eval)][0] is v2.Resize
 
 
 # ----------------------------------------------------------------------------- Cutout
@@ -263,7 +307,7 @@ def test_cutout_zeroes_an_exact_centred_square(monkeypatch, length):
     out = Cutout(length)(img)
     y0, x0 = 15 - length // 2, 12 - length // 2
     expected = torch.ones(3, 32, 32)
-    expected[:, y0:y0 + length, x0:x0 + length] = 0.0
+    expected[:, y0 : y0 + length, x0 : x0 + length] = 0.0
     assert torch.equal(out, expected)
     assert int((out[0] == 0).sum()) == length * length
     assert torch.equal(img, torch.ones(3, 32, 32)), "Cutout must not modify its input"
@@ -291,7 +335,7 @@ def test_cutout_random_centres(length):
         rows = zero[0].any(1).nonzero().flatten()
         cols = zero[0].any(0).nonzero().flatten()
         # The zeroed set is one axis-aligned rectangle (its bounding box is all zeros).
-        assert zero[0, rows.min():rows.max() + 1, cols.min():cols.max() + 1].all()
+        assert zero[0, rows.min() : rows.max() + 1, cols.min() : cols.max() + 1].all()
         assert len(rows) <= length and len(cols) <= length
         counts.append(int(zero[0].sum()))
     assert min(counts) > 0 and max(counts) <= length * length
@@ -370,12 +414,15 @@ def test_fmnist_teacher_view_on_a_real_image():
     policy = build_policy("fmnist")
 
     # Every view the student-side crop + flip alone can produce from this image.
-    padded = torch.nn.functional.pad(normalise(img, "fmnist"), (2, 2, 2, 2),
-                                     value=float(normalise(torch.zeros(1, 1, 1, dtype=torch.uint8), "fmnist")))
+    padded = torch.nn.functional.pad(
+        normalise(img, "fmnist"),
+        (2, 2, 2, 2),
+        value=float(normalise(torch.zeros(1, 1, 1, dtype=torch.uint8), "fmnist")),
+    )
     crops_flips = []
     for dy in range(5):
         for dx in range(5):
-            crop = padded[:, dy:dy + 28, dx:dx + 28]
+            crop = padded[:, dy : dy + 28, dx : dx + 28]
             crops_flips += [crop, crop.flip(-1)]
 
     for seed in range(5):

@@ -1,7 +1,7 @@
 """Tests for nrd_dist.losses: JSD numerics, NRD, the baselines and the registry.
 
 Reference values come from hand computation (in the comments) and from plain-Python
-float64 loops written straight from DESIGN.md section 1, independent of the module.
+float64 loops written straight from docs/design.md section 1, independent of the module.
 """
 
 import math
@@ -114,8 +114,12 @@ def test_zero_probabilities_give_finite_loss_and_gradient():
     assert (F.softmax(logits, dim=1) == 0).any()
     target = torch.tensor([0, 1])
     teacher = torch.tensor([[1.0, 0.0, 0.0], [0.0, 0.0, 1.0]])
-    for name, params in [("nrd", {"pi": [0.4, 0.3, 0.3]}), ("js", {"pi": [0.5, 0.5]}),
-                         ("gjs", {"pi": [0.5, 0.5]}), ("ce_nrd", {"pi": [0.4, 0.3, 0.3]})]:
+    for name, params in [
+        ("nrd", {"pi": [0.4, 0.3, 0.3]}),
+        ("js", {"pi": [0.5, 0.5]}),
+        ("gjs", {"pi": [0.5, 0.5]}),
+        ("ce_nrd", {"pi": [0.4, 0.3, 0.3]}),
+    ]:
         logits.grad = None
         value = build_loss(name, **params)(logits, target, teacher)
         value.backward()
@@ -197,7 +201,7 @@ def test_fp32_under_bf16_autocast(batch, name):
         value = loss(logits if loss.multi_view else logits[0], target, teacher.bfloat16())
     assert value.dtype == torch.float32 and value.dim() == 0
     # Same bf16 inputs, computed in fp32 outside autocast.
-    upcast = [l.float() for l in logits]
+    upcast = [view.float() for view in logits]
     expected = loss(upcast if loss.multi_view else upcast[0], target, teacher.bfloat16().float())
     close(value, expected, tol=1e-6)
     # And close to the full fp32 computation (bf16 only rounded the inputs).
@@ -246,11 +250,16 @@ def test_nrd_js_gjs_match_reference(batch):
     for pi in ([0.3, 0.4, 0.3], [0.1, 0.8, 0.1], [0.0, 0.5, 0.5]):
         for scale in (False, True):
             factor = ref_scale(pi[0]) if scale and 0 < pi[0] < 1 else 1.0
-            expected = ref_batch(lambda p, y, t: factor * ref_jsd([ref_onehot(y, C), p, t], pi), logits, target, teacher)
+            expected = ref_batch(
+                lambda p, y, t, factor=factor, pi=pi: factor * ref_jsd([ref_onehot(y, C), p, t], pi),
+                logits,
+                target,
+                teacher,
+            )
             close(build_loss("nrd", pi=pi, scale=scale)(logits, target, teacher), expected)
 
     for pi in ([0.5, 0.5], [0.9, 0.1], [0.3, 0.7]):
-        expected = ref_batch(lambda p, y: ref_scale(pi[0]) * ref_jsd([ref_onehot(y, C), p], pi), logits, target)
+        expected = ref_batch(lambda p, y, pi=pi: ref_scale(pi[0]) * ref_jsd([ref_onehot(y, C), p], pi), logits, target)
         close(build_loss("js", pi=pi)(logits, target), expected)
 
     gen = torch.Generator().manual_seed(5)
@@ -276,10 +285,12 @@ def test_baselines_match_reference(batch):
     beta, eps, q = 0.7, 0.2, 0.5
     cases = {
         ("ce", ()): lambda p, y: -math.log(p[y]),
-        ("bs", (("beta", beta),)): lambda p, y: -sum(
-            (beta * ref_onehot(y, C)[c] + (1 - beta) * p[c]) * math.log(p[c]) for c in range(C)),
-        ("ls", (("epsilon", eps),)): lambda p, y: -sum(
-            ((1 - eps) * ref_onehot(y, C)[c] + eps / C) * math.log(p[c]) for c in range(C)),
+        ("bs", (("beta", beta),)): lambda p, y: (
+            -sum((beta * ref_onehot(y, C)[c] + (1 - beta) * p[c]) * math.log(p[c]) for c in range(C))
+        ),
+        ("ls", (("epsilon", eps),)): lambda p, y: (
+            -sum(((1 - eps) * ref_onehot(y, C)[c] + eps / C) * math.log(p[c]) for c in range(C))
+        ),
         ("sce", (("alpha", 0.1), ("beta", 1.0))): lambda p, y: 0.1 * -math.log(p[y]) + 1.0 * rce(p, y),
         ("nce_rce", (("alpha", 10.0), ("beta", 0.1))): lambda p, y: 10.0 * nce(p, y) + 0.1 * rce(p, y),
         ("gce", (("q", q),)): lambda p, y: (1 - p[y] ** q) / q,
@@ -288,18 +299,32 @@ def test_baselines_match_reference(batch):
         close(build_loss(name, **dict(params))(logits, target), ref_batch(formula, logits, target))
 
     # Defaults as documented: bs beta = .8, ls epsilon = .1, gce q = .7.
-    close(build_loss("bs")(logits, target), ref_batch(lambda p, y: -sum(
-        (0.8 * ref_onehot(y, C)[c] + 0.2 * p[c]) * math.log(p[c]) for c in range(C)), logits, target))
-    close(build_loss("ls")(logits, target), ref_batch(lambda p, y: -sum(
-        (0.9 * ref_onehot(y, C)[c] + 0.1 / C) * math.log(p[c]) for c in range(C)), logits, target))
+    close(
+        build_loss("bs")(logits, target),
+        ref_batch(
+            lambda p, y: -sum((0.8 * ref_onehot(y, C)[c] + 0.2 * p[c]) * math.log(p[c]) for c in range(C)),
+            logits,
+            target,
+        ),
+    )
+    close(
+        build_loss("ls")(logits, target),
+        ref_batch(
+            lambda p, y: -sum((0.9 * ref_onehot(y, C)[c] + 0.1 / C) * math.log(p[c]) for c in range(C)), logits, target
+        ),
+    )
     close(build_loss("gce")(logits, target), ref_batch(lambda p, y: (1 - p[y] ** 0.7) / 0.7, logits, target))
 
     # ce_nrd = CE + JSD over (student, teacher) with weights pi[1:] renormalised.
     pi = [0.2, 0.6, 0.2]
     for scale in (False, True):
         factor = ref_scale(pi[0]) if scale else 1.0
-        expected = ref_batch(lambda p, y, t: -math.log(p[y]) + factor * ref_jsd([p, t], [0.75, 0.25]),
-                             logits, target, teacher)
+        expected = ref_batch(
+            lambda p, y, t, factor=factor: -math.log(p[y]) + factor * ref_jsd([p, t], [0.75, 0.25]),
+            logits,
+            target,
+            teacher,
+        )
         close(build_loss("ce_nrd", pi=pi, scale=scale)(logits, target, teacher), expected)
 
 
@@ -360,3 +385,43 @@ def test_build_errors(batch):
         build_loss("gjs", pi=[0.5, 0.25, 0.25])([logits], target)
     with pytest.raises(ValueError, match="sum to 1"):
         generalized_jsd([logits.softmax(1)] * 2, [0.5, 0.6])
+
+
+@pytest.mark.parametrize(
+    "name, params, message",
+    [
+        # Messages start with the parameter's name: the config reports them as loss.<name>.
+        ("gce", {"q": 1.5}, r"^q: must lie in \(0, 1\], got 1\.5$"),
+        ("ls", {"epsilon": -0.1}, r"^epsilon: must lie in \[0, 1\], got -0\.1$"),
+        ("bs", {"beta": 2}, r"^beta: must lie in \[0, 1\], got 2\.0$"),
+        ("sce", {"alpha": -1, "beta": 1}, r"^alpha: must be >= 0, got -1\.0$"),
+        ("nce_rce", {"alpha": 1, "beta": -2}, r"^beta: must be >= 0, got -2\.0$"),
+        ("nrd", {"pi": [0.5, 0.5]}, r"^pi: must have 3 entries \[label, student, teacher\], got 2"),
+        ("gjs", {"pi": [0.5, 0.25]}, r"^pi: weights must be non-negative and sum to 1 \(on the simplex"),
+        ("gjs", {"pi": [1.0]}, r"^pi: must have 1 \+ M >= 2 entries"),
+        ("ce_nrd", {"pi": [1.0, 0.0, 0.0]}, r"^pi: pi\[1\] \+ pi\[2\]"),
+    ],
+)
+def test_parameter_errors_start_with_the_parameter(name, params, message):
+    with pytest.raises(ValueError, match=message):
+        build_loss(name, **params)
+
+
+def test_missing_and_mistyped_parameters_name_it():
+    with pytest.raises(TypeError, match=r"^pi: required by loss 'js' \(no default\)$"):
+        build_loss("js")
+    with pytest.raises(TypeError, match=r"^scale: must be true or false, got 'yes'$"):
+        build_loss("nrd", pi=[0.3, 0.4, 0.3], scale="yes")
+
+
+def test_jsd_losses_share_one_base_and_their_repr():
+    from nrd_dist.losses import JSDLoss
+
+    assert {n for n, cls in LOSSES.items() if issubclass(cls, JSDLoss)} == {"nrd", "js", "gjs", "ce_nrd"}
+    # Each keeps its own scale default (the GJS code scales js/gjs, the NRD paper not nrd).
+    assert [build_loss(n, **ALL_PARAMS[n]).scale for n in ("nrd", "js", "gjs", "ce_nrd")] == [False, True, True, False]
+    assert repr(build_loss("nrd", pi=[0.1, 0.8, 0.1])) == "NRDLoss(pi=[0.1, 0.8, 0.1], scale=False)"
+    assert repr(build_loss("gjs", pi=[0.5, 0.25, 0.25])) == "GJSLoss(pi=[0.5, 0.25, 0.25], scale=True)"
+    assert repr(build_loss("sce", alpha=0.1, beta=1)) == "SCELoss(alpha=0.1, beta=1.0)"
+    assert repr(build_loss("ce")) == "CELoss()"
+    assert build_loss("gjs", pi=[0.4, 0.2, 0.2, 0.2]).num_views == 3

@@ -47,15 +47,18 @@ def test_registry_and_unknown_arch():
 # ----------------------------------------------------------------------------- shapes
 
 
-@pytest.mark.parametrize("arch,num_classes,in_channels,side", [
-    ("small_cnn", 10, 1, 28),
-    ("small_cnn", 7, 3, 32),
-    ("preact_resnet18", 100, 3, 32),
-    ("preact_resnet34", 100, 3, 32),
-    ("preact_resnet18", 10, 1, 28),
-    ("resnet50", 50, 3, 64),
-    ("resnet50", 50, 1, 64),
-])
+@pytest.mark.parametrize(
+    "arch,num_classes,in_channels,side",
+    [
+        ("small_cnn", 10, 1, 28),
+        ("small_cnn", 7, 3, 32),
+        ("preact_resnet18", 100, 3, 32),
+        ("preact_resnet34", 100, 3, 32),
+        ("preact_resnet18", 10, 1, 28),
+        ("resnet50", 50, 3, 64),
+        ("resnet50", 50, 1, 64),
+    ],
+)
 def test_forward_shapes(arch, num_classes, in_channels, side):
     torch.manual_seed(0)
     model = build_model(arch, num_classes=num_classes, in_channels=in_channels)
@@ -82,10 +85,13 @@ def test_param_count_formula_reproduces_the_published_numbers():
     assert preact_param_count([2, 2, 2, 2], 10, final_bn=False) == 11_171_146
 
 
-@pytest.mark.parametrize("arch,blocks,reference", [
-    ("preact_resnet18", [2, 2, 2, 2], 11_171_146),
-    ("preact_resnet34", [3, 4, 6, 3], 21_282_122),
-])
+@pytest.mark.parametrize(
+    "arch,blocks,reference",
+    [
+        ("preact_resnet18", [2, 2, 2, 2], 11_171_146),
+        ("preact_resnet34", [3, 4, 6, 3], 21_282_122),
+    ],
+)
 def test_preact_param_counts(arch, blocks, reference):
     model = build_model(arch, num_classes=10)
     count = n_params(model)
@@ -191,12 +197,15 @@ def test_random_init_not_pretrained(arch):
     assert all(torch.equal(x, y) for x, y in zip(wa, wc))
 
 
-@pytest.mark.parametrize("arch,num_classes,in_channels,side", [
-    ("small_cnn", 10, 1, 28),
-    ("preact_resnet18", 10, 3, 32),
-    ("preact_resnet34", 100, 3, 16),  # 16 px keeps it fast; layer4 is still 2x2
-    ("resnet50", 50, 3, 64),
-])
+@pytest.mark.parametrize(
+    "arch,num_classes,in_channels,side",
+    [
+        ("small_cnn", 10, 1, 28),
+        ("preact_resnet18", 10, 3, 32),
+        ("preact_resnet34", 100, 3, 16),  # 16 px keeps it fast; layer4 is still 2x2
+        ("resnet50", 50, 3, 64),
+    ],
+)
 def test_backward_gives_finite_grads_everywhere(arch, num_classes, in_channels, side):
     torch.manual_seed(0)
     model = build_model(arch, num_classes=num_classes, in_channels=in_channels).train()
@@ -224,7 +233,7 @@ def test_small_cnn_hidden_units_cannot_all_die():
         hidden.weight.copy_(-hidden.weight.abs())  # its inputs are >= 0 (after ReLU and pooling)
     layers = list(model)
     x = torch.rand(64, 1, 28, 28)
-    assert (nn.Sequential(*layers[:layers.index(hidden) + 1])(x) <= 0).all()
+    assert (nn.Sequential(*layers[: layers.index(hidden) + 1])(x) <= 0).all()
     active = nn.Sequential(*layers[:-1])(x) > 0  # everything but the classifier
     assert active.any(0).all(), f"{int((~active.any(0)).sum())} hidden units dead on the whole batch"
     F.cross_entropy(model(x), torch.randint(0, 10, (64,))).backward()

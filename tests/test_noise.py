@@ -14,6 +14,7 @@ from nrd_dist.data.noise import (
     CIFAR10_ASYMMETRIC_MAP,
     CIFAR100_COARSE_LABELS,
     apply_noise,
+    check_spec,
     cifar100_superclass_map,
     noise_report,
     noise_spec_to_dict,
@@ -64,9 +65,7 @@ def test_same_label_whatever_order_subset_or_sharding(name):
     np.testing.assert_array_equal(shuffled, full[perm])
 
     subset = np.sort(rng.choice(len(keys), size=777, replace=False))
-    np.testing.assert_array_equal(
-        apply_noise([keys[i] for i in subset], labels[subset], spec, C), full[subset]
-    )
+    np.testing.assert_array_equal(apply_noise([keys[i] for i in subset], labels[subset], spec, C), full[subset])
 
     for shard_size in (1, 13, 1000, 4096):
         shards = [
@@ -277,9 +276,7 @@ def test_explicit_map_with_yaml_string_keys():
     np.testing.assert_array_equal(noisy, expected)
     int_keys = dict(type="asymmetric", rate=0.5, seed=0, map={0: 1, 1: 0, 4: 2})
     str_keys = {**int_keys, "map": {"0": 1, "1": 0, "4": 2}}
-    np.testing.assert_array_equal(
-        apply_noise(keys, labels, int_keys, 5), apply_noise(keys, labels, str_keys, 5)
-    )
+    np.testing.assert_array_equal(apply_noise(keys, labels, int_keys, 5), apply_noise(keys, labels, str_keys, 5))
 
 
 # ------------------------------------------------------------------------- errors
@@ -291,22 +288,32 @@ def test_explicit_map_with_yaml_string_keys():
         (dict(type="symetric", rate=0.2, seed=0), 10, r"noise\.type: unknown 'symetric'; valid: none, symmetric"),
         ({"rate": 0.2, "seed": 0}, 10, r"noise\.type: required"),
         (dict(type="symmetric", rate=1.5, seed=0), 10, r"noise\.rate: .*\[0, 1\].*1\.5"),
+        (dict(type="none", rate=1.5), 10, r"noise\.rate: noise rate must lie in \[0, 1\], got 1\.5"),
+        (dict(type="symmetric", rate=0.2, seed=0), 1, r"num_classes: expected an int >= 2"),
         (dict(type="symmetric", rate=-0.1, seed=0), 10, r"noise\.rate"),
         (dict(type="symmetric", rate=float("nan"), seed=0), 10, r"noise\.rate"),
         (dict(type="symmetric", seed=0), 10, r"noise\.rate: required"),
         (dict(type="symmetric", rate=0.2), 10, r"noise\.seed: required"),
         (dict(type="symmetric", rate=0.2, seed=True), 10, r"noise\.seed"),
-        (dict(type="asymmetric", rate=0.2, seed=0), 10, r"noise\.map: required"),
+        (dict(type="asymmetric", rate=0.2, seed=0), 10, r"noise\.map: asymmetric noise needs a map: cifar10, fmnist"),
         (dict(type="asymmetric", rate=0.2, seed=0, map="cifar1000"), 10, r"noise\.map: unknown 'cifar1000'"),
-        (dict(type="asymmetric", rate=0.2, seed=0, map="cifar100"), 10, r"noise\.map: 'cifar100' needs num_classes=100"),
+        (
+            dict(type="asymmetric", rate=0.2, seed=0, map="cifar100"),
+            10,
+            r"noise\.map: 'cifar100' needs num_classes=100",
+        ),
         (dict(type="asymmetric", rate=0.2, seed=0, map={0: 10}), 10, r"noise\.map\[0\]: class 10 out of range"),
         (dict(type="asymmetric", rate=0.2, seed=0, map={-1: 2}), 10, r"noise\.map: class -1 out of range"),
         (dict(type="asymmetric", rate=0.2, seed=0, map={"cat": 2}), 10, r"noise\.map: 'cat' is not a class index"),
         (dict(type="asymmetric", rate=0.2, seed=0, map={3: 1, "3": 2}), 10, r"noise\.map: class 3 given twice"),
         (dict(type="symmetric", rate=0.2, seed=0, map="cifar10"), 10, r"noise\.map: only used with type 'asymmetric'"),
-        (dict(type="asymmetric_sequential", rate=0.2, seed=0), 10, r"noise\.map: required for type 'asymmetric_sequential'"),
+        (
+            dict(type="asymmetric_sequential", rate=0.2, seed=0),
+            10,
+            r"noise\.map: asymmetric_sequential noise needs a map",
+        ),
         (dict(type="asymmetric_sequential", rate=0.2, seed=0, map="cifar100"), 10, r"noise\.map: 'cifar100' needs"),
-        (dict(type="matrix", seed=0), 4, r"noise\.matrix: required"),
+        (dict(type="matrix", seed=0), 4, r"noise\.matrix: matrix noise needs a row-stochastic"),
         (dict(type="matrix", seed=0, matrix=[[1, 0], [0, 1]]), 4, r"noise\.matrix: shape \(2, 2\), expected \(4, 4\)"),
         (dict(type="matrix", seed=0, matrix=[[1, 0], [0.5, 0.4]]), 2, r"noise\.matrix: row 1 sums to"),
         (dict(type="matrix", seed=0, matrix=[[1.5, -0.5], [0, 1]]), 2, r"noise\.matrix: row 0 has negative"),
@@ -318,6 +325,16 @@ def test_invalid_specs_raise_naming_the_field(spec, num_classes, match):
         apply_noise(["a", "b"], [0, 1], spec, num_classes)
     with pytest.raises(ValueError, match=match):
         transition_matrix(spec, num_classes)
+
+
+def test_check_spec_is_the_judge_and_no_noise_needs_no_class_count():
+    check_spec(dict(type="asymmetric", rate=0.2, seed=0, map="cifar10"), 10)
+    with pytest.raises(ValueError, match=r"noise\.map: 'cifar100' needs num_classes=100"):
+        check_spec(dict(type="asymmetric", rate=0.2, seed=0, map="cifar100"), 10)
+    # No noise flips nothing, so even one class will do (as the config's default spec needs).
+    check_spec(None, 1)
+    check_spec(dict(type="none", rate=0.0, seed=0), 1)
+    np.testing.assert_array_equal(apply_noise(["a", "b"], [0, 0], None, 1), [0, 0])
 
 
 def test_matrix_rows_within_tolerance_are_accepted():
@@ -480,17 +497,26 @@ def test_sequential_map_order():
 
 
 def test_sequential_config_loads_and_misuse_names_the_key():
-    cfg = load_config(None, ["data.noise.type=asymmetric_sequential", "data.noise.rate=0.4",
-                             "data.noise.map={9: 1, 2: 0, 4: 7, 3: 5, 5: 3}"])
+    cfg = load_config(
+        None,
+        [
+            "data.noise.type=asymmetric_sequential",
+            "data.noise.rate=0.4",
+            "data.noise.map={9: 1, 2: 0, 4: 7, 3: 5, 5: 3}",
+        ],
+    )
     assert list(cfg.data.noise.map.items()) == list(CIFAR10_ASYMMETRIC_MAP.items())  # order kept
     keys, clean = balanced_cifar10(200)
-    np.testing.assert_array_equal(apply_noise(keys, clean, cfg.data.noise, 10),
-                                  apply_noise(keys, clean, SEQUENTIAL, 10))
+    np.testing.assert_array_equal(
+        apply_noise(keys, clean, cfg.data.noise, 10), apply_noise(keys, clean, SEQUENTIAL, 10)
+    )
     with pytest.raises(ConfigError, match=r"^data\.noise\.map: asymmetric_sequential noise needs a map"):
         load_config(None, ["data.noise.type=asymmetric_sequential", "data.noise.rate=0.4"])
-    with pytest.raises(ConfigError, match=r"^data\.noise\.map: only used with type 'asymmetric' or "
-                                          r"'asymmetric_sequential', not 'symmetric'"):
+    with pytest.raises(
+        ConfigError,
+        match=r"^data\.noise\.map: only used with type 'asymmetric' or "
+        r"'asymmetric_sequential', not 'symmetric'",
+    ):
         load_config(None, ["data.noise.type=symmetric", "data.noise.rate=0.4", "data.noise.map=cifar10"])
     with pytest.raises(ConfigError, match=r"^data\.noise\.type: .*did you mean 'asymmetric_sequential'"):
-        load_config(None, ["data.noise.type=asymmetric_sequental", "data.noise.rate=0.4",
-                           "data.noise.map=cifar10"])
+        load_config(None, ["data.noise.type=asymmetric_sequental", "data.noise.rate=0.4", "data.noise.map=cifar10"])

@@ -1,17 +1,22 @@
-"""Named augmentation policies: student, teacher and eval views (DESIGN.md section 1).
+"""Named augmentation policies: student, teacher and eval views (docs/design.md section 1).
 
 Every transform takes a decoded ``uint8`` image tensor ``[C, H, W]`` and returns a
-normalised ``float32`` tensor ``[C, S, S]`` (``S = image_size``). Augmentations run on
-uint8 (cheaper than float and what AugMix/RandAugment expect); conversion and
-normalisation come last.
+normalised ``float32`` tensor ``[C, S, S]`` (``S``: :func:`view_size`, the policy's
+native size in :data:`NATIVE_IMAGE_SIZE` unless ``image_size`` says otherwise).
+Augmentations run on uint8 (cheaper than float and what AugMix/RandAugment expect);
+conversion and normalisation come last.
 
 Policies:
-* ``fmnist`` (28 px grey): student RandomCrop(pad 2) + flip; eval: none.
-* ``cifar`` (32 px): student RandAugment(num_ops=1, magnitude=3), RandomCrop(pad 4),
-  flip, Cutout(``cutout``); eval: none.
-* ``imagenet`` (WebVision / ImageNet, 224 px): student RandomResizedCrop + flip +
+* ``fmnist`` (Fashion-MNIST, grey): student RandomCrop(pad 2) + flip; eval: none.
+* ``cifar`` (CIFAR-10/100): student RandAugment(num_ops=1, magnitude=3),
+  RandomCrop(pad 4), flip, Cutout(``cutout``); eval: none.
+* ``imagenet`` (WebVision / ImageNet): student RandomResizedCrop + flip +
   ColorJitter(0.4, 0.4, 0.4, 0.2); eval Resize(``resize_size``) + CenterCrop.
 * The teacher view of every policy: AugMix, then the policy's crop and flip.
+* At a size other than the native one, the eval view of fmnist and cifar resizes.
+
+:func:`check_policy` is the one judge of the arguments (the config runs it too); its
+messages name the argument as ``augment.<name>``.
 """
 
 from __future__ import annotations
@@ -29,6 +34,10 @@ NORMALIZATION = {
     "imagenet": ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225)),
 }
 POLICIES = tuple(NORMALIZATION)
+# The side of every view when no image_size is given: the datasets' own image sizes.
+NATIVE_IMAGE_SIZE = {"fmnist": 28, "cifar": 32, "imagenet": 224}
+# RandomCrop's padding for the small datasets (imagenet crops with RandomResizedCrop).
+CROP_PADDING = {"fmnist": 2, "cifar": 4}
 
 Transform = Callable[[torch.Tensor], torch.Tensor]
 
@@ -68,34 +77,65 @@ class Policy:
     eval: Transform
 
 
+def check_policy(name: str, image_size: Optional[int] = None, resize_size: int = 256, cutout: int = 16) -> None:
+    """Raise ValueError naming the argument (``augment.cutout: ...``) if one is invalid."""
+    if name not in NORMALIZATION:
+        raise ValueError(f"augment.policy: unknown policy {name!r}; valid: {', '.join(POLICIES)}")
+    if image_size is not None and image_size <= 0:
+        raise ValueError(f"augment.image_size: must be > 0, got {image_size}")
+    if resize_size <= 0:
+        raise ValueError(f"augment.resize_size: must be > 0, got {resize_size}")
+    if cutout < 0:
+        raise ValueError(f"augment.cutout: must be >= 0, got {cutout}")
+
+
+def view_size(name: str, image_size: Optional[int] = None) -> int:
+    """The side in pixels of every view of policy ``name``: ``image_size``, or the
+    policy's native size when it is None."""
+    return NATIVE_IMAGE_SIZE[name] if image_size is None else image_size
+
+
+def build_policy(name: str, image_size: Optional[int] = None, resize_size: int = 256, cutout: int = 16) -> Policy:
+    """Build the named policy; ``image_size`` None: the policy's native size."""
+    check_policy(name, image_size, resize_size, cutout)
+    size = view_size(name, image_size)
+    crop_flip = _crop_flip(name, size)
+    # torchvision's AugMix defaults: severity 3, width 3, random depth, alpha 1
+    teacher = [v2.AugMix()] + crop_flip + _finish(name)
+    student = _student_view(name, crop_flip, cutout)
+    return Policy(name, v2.Compose(student), v2.Compose(teacher), v2.Compose(_eval_view(name, size, resize_size)))
+
+
+def _crop_flip(name: str, size: int) -> list:
+    """The crop and flip that the student and teacher views share."""
+    if name == "imagenet":
+        crop = v2.RandomResizedCrop(size, antialias=True)
+    else:
+        crop = v2.RandomCrop(size, padding=CROP_PADDING[name])
+    return [crop, v2.RandomHorizontalFlip()]
+
+
+def _student_view(name: str, crop_flip: list, cutout: int) -> list:
+    if name == "cifar":
+        # Cutout after Normalize, so that the erased square is the dataset mean.
+        return [v2.RandAugment(num_ops=1, magnitude=3)] + crop_flip + _finish(name) + [Cutout(cutout)]
+    if name == "imagenet":
+        return crop_flip + [v2.ColorJitter(0.4, 0.4, 0.4, 0.2)] + _finish(name)
+    return crop_flip + _finish(name)
+
+
+def _eval_view(name: str, size: int, resize_size: int) -> list:
+    if name == "imagenet":
+        return [v2.Resize(resize_size, antialias=True), v2.CenterCrop(size)] + _finish(name)
+    # The small datasets' images come at the native size: no resize unless asked for another.
+    resize = [v2.Resize(size, antialias=True)] if size != NATIVE_IMAGE_SIZE[name] else []
+    return resize + _finish(name)
+
+
 def _finish(policy: str) -> list:
+    """uint8 -> float32 in [0, 1], then normalised with the training set's statistics."""
     mean, std = NORMALIZATION[policy]
     return [v2.ToDtype(torch.float32, scale=True), v2.Normalize(mean, std)]
-
-
-def build_policy(name: str, image_size: Optional[int] = None, resize_size: int = 256,
-                 cutout: int = 16) -> Policy:
-    """Build the named policy. ``image_size`` defaults to 28 / 32 / 224 per policy."""
-    if name not in NORMALIZATION:
-        raise ValueError(f"data.augment.policy: unknown policy {name!r}; valid: {', '.join(POLICIES)}")
-    augmix = v2.AugMix()  # torchvision defaults: severity 3, width 3, random depth, alpha 1
-    if name == "fmnist":
-        size = image_size or 28
-        crop_flip = [v2.RandomCrop(size, padding=2), v2.RandomHorizontalFlip()]
-        student = crop_flip + _finish(name)
-        eval_ = ([v2.Resize(size, antialias=True)] if size != 28 else []) + _finish(name)
-    elif name == "cifar":
-        size = image_size or 32
-        crop_flip = [v2.RandomCrop(size, padding=4), v2.RandomHorizontalFlip()]
-        student = [v2.RandAugment(num_ops=1, magnitude=3)] + crop_flip + _finish(name) + [Cutout(cutout)]
-        eval_ = ([v2.Resize(size, antialias=True)] if size != 32 else []) + _finish(name)
-    else:  # imagenet
-        size = image_size or 224
-        crop_flip = [v2.RandomResizedCrop(size, antialias=True), v2.RandomHorizontalFlip()]
-        student = crop_flip + [v2.ColorJitter(0.4, 0.4, 0.4, 0.2)] + _finish(name)
-        eval_ = [v2.Resize(resize_size, antialias=True), v2.CenterCrop(size)] + _finish(name)
-    teacher = [augmix] + crop_flip + _finish(name)
-    return Policy(name, v2.Compose(student), v2.Compose(teacher), v2.Compose(eval_))
 
 
 class TrainViews:

@@ -71,25 +71,25 @@ __all__ = [
     "FASHION_MNIST_ASYMMETRIC_MAP",
     "CIFAR100_COARSE_LABELS",
     "cifar100_superclass_map",
+    "NAMED_MAPS",
     "noise_spec_to_dict",
+    "check_spec",
     "apply_noise",
     "transition_matrix",
     "noise_report",
 ]
 
-NOISE_TYPES = (
-    "none", "symmetric", "symmetric_exclusive", "asymmetric", "asymmetric_sequential", "matrix"
-)
+NOISE_TYPES = ("none", "symmetric", "symmetric_exclusive", "asymmetric", "asymmetric_sequential", "matrix")
 # Kinds that take ``map``; the sequential one applies its pairs in the map's order.
 _MAP_TYPES = ("asymmetric", "asymmetric_sequential")
 
-# The classic class-dependent CIFAR-10 noise (Patrini et al., 2017): confusions
-# between visually similar classes.  Indices are torchvision's CIFAR-10 classes
-# (0 airplane, 1 automobile, 2 bird, 3 cat, 4 deer, 5 dog, 7 horse, 9 truck).
 # Fashion-MNIST's confusable pairs, both ways (0 T-shirt/top, 2 pullover, 4 coat,
 # 6 shirt, 7 sneaker, 9 ankle boot): the confusions its classifiers make most.
 FASHION_MNIST_ASYMMETRIC_MAP: dict[int, int] = {0: 6, 6: 0, 2: 4, 4: 2, 7: 9, 9: 7}
 
+# The classic class-dependent CIFAR-10 noise (Patrini et al., 2017): confusions
+# between visually similar classes.  Indices are torchvision's CIFAR-10 classes
+# (0 airplane, 1 automobile, 2 bird, 3 cat, 4 deer, 5 dog, 7 horse, 9 truck).
 # The pairs are in the order of the GJS / NRD authors' code, which
 # ``asymmetric_sequential`` applies them in (``asymmetric`` ignores the order).
 CIFAR10_ASYMMETRIC_MAP: dict[int, int] = {
@@ -105,6 +105,7 @@ CIFAR10_ASYMMETRIC_MAP: dict[int, int] = {
 # aquarium_fish, ..., 99 worm), coarse labels the 20 superclass names sorted
 # alphabetically (0 aquatic_mammals, 1 fish, ..., 19 vehicles_2).  Each coarse
 # label occurs exactly five times (checked at import below).
+# fmt: off
 CIFAR100_COARSE_LABELS: tuple[int, ...] = (
     4, 1, 14, 8, 0, 6, 7, 7, 18, 3,
     3, 14, 9, 18, 7, 11, 3, 9, 7, 11,
@@ -117,6 +118,7 @@ CIFAR100_COARSE_LABELS: tuple[int, ...] = (
     16, 19, 2, 4, 6, 19, 5, 5, 8, 19,
     18, 1, 2, 15, 6, 0, 17, 8, 14, 13,
 )
+# fmt: on
 
 
 def cifar100_superclass_map() -> dict[int, int]:
@@ -141,8 +143,9 @@ def cifar100_superclass_map() -> dict[int, int]:
 assert len(CIFAR100_COARSE_LABELS) == 100
 assert sorted(CIFAR100_COARSE_LABELS) == sorted(list(range(20)) * 5)
 
-# Built once: load-time noise may validate a spec per sample.
-_NAMED_MAPS = {
+# The maps ``map`` may name, with the class count each needs (the config's help lists
+# these names).  Built once: load-time noise may validate a spec per sample.
+NAMED_MAPS = {
     "cifar10": (10, CIFAR10_ASYMMETRIC_MAP),
     "fmnist": (10, FASHION_MNIST_ASYMMETRIC_MAP),
     "cifar100": (100, cifar100_superclass_map()),
@@ -194,18 +197,22 @@ def _as_class_index(value: Any, field: str, num_classes: int) -> int:
     return value
 
 
+def _map_choices() -> str:
+    return f"{', '.join(NAMED_MAPS)} or an explicit {{from: to}} mapping"
+
+
+def _check_rate(rate: Any) -> None:
+    if not isinstance(rate, numbers.Real) or isinstance(rate, bool) or not 0.0 <= rate <= 1.0:
+        raise ValueError(f"noise.rate: noise rate must lie in [0, 1], got {rate!r}")
+
+
 def _resolve_map(raw: Any, num_classes: int) -> dict[int, int]:
     if isinstance(raw, str):
-        if raw not in _NAMED_MAPS:
-            raise ValueError(
-                f"noise.map: unknown {raw!r}; valid: {', '.join(_NAMED_MAPS)} "
-                "or an explicit {from: to} mapping"
-            )
-        expected_classes, mapping = _NAMED_MAPS[raw]
+        if raw not in NAMED_MAPS:
+            raise ValueError(f"noise.map: unknown {raw!r}; valid: {_map_choices()}")
+        expected_classes, mapping = NAMED_MAPS[raw]
         if num_classes != expected_classes:
-            raise ValueError(
-                f"noise.map: {raw!r} needs num_classes={expected_classes}, got {num_classes}"
-            )
+            raise ValueError(f"noise.map: {raw!r} needs num_classes={expected_classes}, got {num_classes}")
         return dict(mapping)
     if isinstance(raw, Mapping):
         if not raw:
@@ -218,10 +225,7 @@ def _resolve_map(raw: Any, num_classes: int) -> dict[int, int]:
                 raise ValueError(f"noise.map: class {src_i} given twice")
             resolved[src_i] = dst_i
         return resolved
-    raise ValueError(
-        f"noise.map: expected one of {', '.join(_NAMED_MAPS)} or a {{from: to}} "
-        f"mapping, got {type(raw).__name__}"
-    )
+    raise ValueError(f"noise.map: expected {_map_choices()}, got {type(raw).__name__}")
 
 
 def _resolve_matrix(raw: Any, num_classes: int) -> np.ndarray:
@@ -230,9 +234,7 @@ def _resolve_matrix(raw: Any, num_classes: int) -> np.ndarray:
     except (TypeError, ValueError):
         raise ValueError("noise.matrix: not a rectangular table of numbers") from None
     if matrix.shape != (num_classes, num_classes):
-        raise ValueError(
-            f"noise.matrix: shape {matrix.shape}, expected ({num_classes}, {num_classes})"
-        )
+        raise ValueError(f"noise.matrix: shape {matrix.shape}, expected ({num_classes}, {num_classes})")
     for row_index, row in enumerate(matrix):
         if not np.all(np.isfinite(row)) or np.any(row < 0):
             raise ValueError(f"noise.matrix: row {row_index} has negative or non-finite entries")
@@ -248,8 +250,6 @@ def _validate(spec: Any, num_classes: int) -> dict[str, Any]:
     ``passes`` is the map's ``(source, target)`` pairs in order (empty without a map);
     only ``asymmetric_sequential`` uses it, ``kernel`` serves every other kind.
     """
-    if not _is_int(num_classes) or num_classes < 2:
-        raise ValueError(f"num_classes: expected an int >= 2, got {num_classes!r}")
     raw = noise_spec_to_dict(spec)
     kind = raw["type"]
     if kind is None:
@@ -260,15 +260,18 @@ def _validate(spec: Any, num_classes: int) -> dict[str, Any]:
     if kind not in NOISE_TYPES:
         raise ValueError(f"noise.type: unknown {kind!r}; valid: {', '.join(NOISE_TYPES)}")
     if kind == "none":
+        if raw["rate"] is not None:
+            _check_rate(raw["rate"])  # unused, but out of range it is a mistake all the same
         return {"type": "none", "rate": 0.0}
+    if not _is_int(num_classes) or num_classes < 2:
+        raise ValueError(f"num_classes: expected an int >= 2, got {num_classes!r}")
 
     rate = raw["rate"]
     if rate is None and kind == "matrix":
         rate = 1.0  # the matrix alone is the whole transition
     if rate is None:
         raise ValueError(f"noise.rate: required for type {kind!r}")
-    if not isinstance(rate, numbers.Real) or isinstance(rate, bool) or not 0.0 <= rate <= 1.0:
-        raise ValueError(f"noise.rate: expected a number in [0, 1], got {rate!r}")
+    _check_rate(rate)
     seed = raw["seed"]
     if seed is None:
         raise ValueError(f"noise.seed: required for type {kind!r}")
@@ -276,9 +279,7 @@ def _validate(spec: Any, num_classes: int) -> dict[str, Any]:
         raise ValueError(f"noise.seed: expected an int, got {seed!r}")
     # A field the type does not use is almost surely a config mistake.
     if raw["map"] is not None and kind not in _MAP_TYPES:
-        raise ValueError(
-            f"noise.map: only used with type 'asymmetric' or 'asymmetric_sequential', not {kind!r}"
-        )
+        raise ValueError(f"noise.map: only used with type 'asymmetric' or 'asymmetric_sequential', not {kind!r}")
     if raw["matrix"] is not None and kind != "matrix":
         raise ValueError(f"noise.matrix: only used with type 'matrix', not {kind!r}")
 
@@ -291,7 +292,7 @@ def _validate(spec: Any, num_classes: int) -> dict[str, Any]:
         kernel = (np.ones((C, C)) - np.eye(C)) / (C - 1)
     elif kind in _MAP_TYPES:
         if raw["map"] is None:
-            raise ValueError(f"noise.map: required for type {kind!r}")
+            raise ValueError(f"noise.map: {kind} noise needs a map: {_map_choices()}")
         mapping = _resolve_map(raw["map"], C)
         kernel = np.eye(C)
         for src, dst in mapping.items():
@@ -301,7 +302,7 @@ def _validate(spec: Any, num_classes: int) -> dict[str, Any]:
         passes = list(mapping.items())  # dicts keep the map's order: the pass order
     else:  # matrix
         if raw["matrix"] is None:
-            raise ValueError("noise.matrix: required for type 'matrix'")
+            raise ValueError("noise.matrix: matrix noise needs a row-stochastic num_classes x num_classes matrix")
         kernel = _resolve_matrix(raw["matrix"], C)
         # repr of float64 round-trips exactly, so equal matrices hash equally.
         kernel_params = [[repr(float(p)) for p in row] for row in kernel]
@@ -322,6 +323,12 @@ def _validate(spec: Any, num_classes: int) -> dict[str, Any]:
         "passes": passes,
         "fingerprint": fingerprint,
     }
+
+
+def check_spec(spec: Any, num_classes: int) -> None:
+    """Raise ValueError naming the offending field (``noise.rate: ...``) for an invalid
+    spec: the one check of a noise spec, which the config runs too."""
+    _validate(spec, num_classes)
 
 
 # ---------------------------------------------------------------------- randomness
@@ -464,9 +471,7 @@ def _relabel_sequentially(keys, clean: np.ndarray, u_own_pass: np.ndarray, param
         arrived = clean[members] != source
         if arrived.any():
             moved = members[arrived]
-            draws[arrived] = _pass_uniforms(
-                [keys[i] for i in moved], clean[moved], seed, fingerprint, source
-            )
+            draws[arrived] = _pass_uniforms([keys[i] for i in moved], clean[moved], seed, fingerprint, source)
         flipped = members[draws < rate]
         noisy[flipped] = target
         class_sizes[source] -= len(flipped)
@@ -527,9 +532,7 @@ def noise_report(clean_labels: Any, noisy_labels: Any, num_classes: int) -> dict
     clean = _as_labels(clean_labels, num_classes, "clean_labels")
     noisy = _as_labels(noisy_labels, num_classes, "noisy_labels")
     if clean.shape != noisy.shape:
-        raise ValueError(
-            f"noisy_labels: {len(noisy)} labels for {len(clean)} clean labels"
-        )
+        raise ValueError(f"noisy_labels: {len(noisy)} labels for {len(clean)} clean labels")
     C = num_classes
     counts = np.bincount(clean * C + noisy, minlength=C * C).reshape(C, C)
     row_totals = counts.sum(axis=1, keepdims=True)
