@@ -636,3 +636,16 @@ def test_cifar_requires_src_and_rejects_bad_shard_size(tmp_path):
                                "--shard-size", 0), "--shard-size")
     proc = run_cli("imagenet", "--out", tmp_path / "out")
     assert proc.returncode == 2 and "invalid choice" in proc.stderr
+
+
+def test_fingerprint_sees_the_order_of_a_sequential_noise_map():
+    # asymmetric_sequential applies its pairs in order, so a reordered map is another request;
+    # for every other kind the order means nothing and must not change the fingerprint
+    from nrd_dist.tools.shard_output import SplitOutput
+
+    def fingerprint(kind, mapping):
+        return SplitOutput(None, "train", {"noise": {"type": kind, "rate": 0.4, "map": mapping}}).fingerprint
+
+    forward, backward = {3: 5, 5: 3}, {5: 3, 3: 5}
+    assert fingerprint("asymmetric_sequential", forward) != fingerprint("asymmetric_sequential", backward)
+    assert fingerprint("asymmetric", forward) == fingerprint("asymmetric", backward)

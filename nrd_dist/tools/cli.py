@@ -11,7 +11,7 @@ from typing import Any, Callable, Optional
 import yaml
 
 from nrd_dist.data import storage
-from nrd_dist.data.noise import NOISE_TYPES
+from nrd_dist.data.noise import NAMED_MAPS, NOISE_TYPES
 from nrd_dist.data.storage import StorageError
 
 # A transition matrix cannot be given on a command line; no noise is no --noise-type.
@@ -70,7 +70,8 @@ def add_noise_arguments(parser: argparse.ArgumentParser, required: bool = False)
                         help="probability that a sample's label is resampled")
     parser.add_argument("--noise-seed", type=int, default=0, help="seed of the noise (default 0)")
     parser.add_argument("--noise-map", default=None,
-                        help="asymmetric map: cifar10, cifar100 or YAML such as '{0: 2, 6: 0}'")
+                        help=f"map of the asymmetric kinds: {', '.join(NAMED_MAPS)} or YAML such as '{{0: 2, 6: 0}}' "
+                             "(asymmetric_sequential applies its pairs in the order written)")
 
 
 def noise_spec_from_args(args: argparse.Namespace) -> Optional[dict[str, Any]]:

@@ -14,6 +14,17 @@ from nrd_dist.data.writer import MANIFEST_NAME
 from nrd_dist.tools.location import Location
 
 
+def _with_map_order(request: dict[str, Any]) -> dict[str, Any]:
+    """``request`` with the order of an ``asymmetric_sequential`` noise map made explicit:
+    that kind applies its pairs in order, and ``sort_keys`` would hide a reordering (two
+    requests that differ only there must not resume each other's outputs). Every other
+    request hashes as before, so existing outputs keep their fingerprints."""
+    noise = request.get("noise")
+    if not (isinstance(noise, dict) and noise.get("type") == "asymmetric_sequential" and isinstance(noise.get("map"), dict)):
+        return request
+    return {**request, "noise_map_order": [[str(k), str(v)] for k, v in noise["map"].items()]}
+
+
 class SplitOutput:
     """``location`` (the split's folder) holding the outputs of one ``request`` (what the
     progress record fingerprints: everything that decides the shards' bytes)."""
@@ -22,7 +33,7 @@ class SplitOutput:
         self.location = location
         self.split = split
         self.request = request
-        self.fingerprint = hashlib.sha256(json.dumps(request, sort_keys=True).encode()).hexdigest()
+        self.fingerprint = hashlib.sha256(json.dumps(_with_map_order(request), sort_keys=True).encode()).hexdigest()
         self.progress_name = f"{split}.progress.json"
 
     def shard_name(self, index: int) -> str:
