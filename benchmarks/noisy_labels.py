@@ -36,7 +36,7 @@ Protocol, fixed before any result was seen:
   runs from a git worktree frozen at one commit, so that work going on in the main
   checkout cannot change a running sweep. ``git worktree add DIR COMMIT`` repeats a
   cell exactly.
-* Resumable: each finished cell writes ``docs/results/cells/CELL.json`` at once and is
+* Resumable: each finished cell writes ``docs/results/v2/cells/CELL.json`` at once and is
   never rerun; an interrupted cell resumes from its own checkpoint
   (``runs/sweep-v2/CELL/``).
 * Diagnostics (``diagnose``) run on one seed per CE and NRD cell and need its checkpoint;
@@ -70,7 +70,7 @@ from typing import Any, Optional
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # sweep_report beside this file
-RESULTS = REPO / "docs" / "results"
+RESULTS = REPO / "docs" / "results" / "v2"
 CELLS = RESULTS / "cells"
 RUNS = REPO / "runs" / "sweep-v2"  # v1 ran in runs/sweep
 
@@ -442,7 +442,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     run.add_argument("--only", help="only cells whose name starts with this (e.g. sym60-ce)")
     run.add_argument("--commit", action="store_true", help="git-commit each result file as it is written")
     sub.add_parser("list", help="cells and their state")
-    sub.add_parser("table", help="write docs/results/README.md and the plots from the finished cells")
+    sub.add_parser("table", help="write docs/results/v2/README.md and the plots from the finished cells")
     diagnose = sub.add_parser("diagnose", help="tools/diagnose.py and tools/find_mislabeled.py on one finished seed "
                                                "of each CE and NRD cell")
     diagnose.add_argument("--only", help="only cells whose name starts with this (e.g. sym60-nrd)")

@@ -3,6 +3,7 @@
     .venv/bin/python benchmarks/sweep_v3.py run [--jobs N] [--only PREFIX] [--results DIR] [--runs DIR]
     .venv/bin/python benchmarks/sweep_v3.py list
     .venv/bin/python benchmarks/sweep_v3.py reproduce CELL   # retrain one cell, print the difference
+    .venv/bin/python benchmarks/sweep_v3.py table   # RESULTS/README.md, its plots and docs/results/README.md
 
 The protocol (data, budget, EMA regime, grids, selection rule, seeds, what is reported)
 is docs/results/v3/PROTOCOL.md, committed before the first v3 cell ran; this file is its
@@ -419,6 +420,40 @@ def cmd_reproduce(args) -> int:
     return 1 if differences else 0
 
 
+# What the tables and plots show, in words: written by the lead once the results are in
+# (empty: the page has no "Reading" section). Numbers quoted here must come from the page.
+READING = ""
+
+
+def table_status(results: Results) -> str:
+    """Cells done against cells planned: the plan grows as selections are made."""
+    planned = plan(results)
+    done = sum(results.load(cell) is not None for cell in planned)
+    per_setting = len(METHODS) * (GRID_POINTS + len(SEEDS) - 1)
+    total = len(SETTING_ORDER) * per_setting + len(LONG["methods"])
+    if done == total:
+        return f"all {total} cells done."
+    return (f"in progress: {done} of the {len(planned)} cells planned so far are done ({total} once every "
+            f"selection is made; {total - per_setting} without {SETTING_ORDER[-1]}, which runs last and only if "
+            f"the budget allows). The tables show finished cells only.")
+
+
+def cmd_table(args) -> int:
+    """RESULTS/README.md and its plots, and the results index one folder up, from the cell
+    files alone (benchmarks/sweep_report.py)."""
+    sys.path.insert(0, str(Path(__file__).resolve().parent))  # sweep_report beside this file
+    from sweep_report import Sweep, write_index, write_v3_report
+
+    results = Results(args.results)
+    sweep = Sweep(cells=[json.loads(p.read_text()) for p in sorted(results.cells.glob("*.json"))],
+                  selected={(s, m): results.selected(s, m) for s in SETTINGS for m in METHODS},
+                  settings=list(SETTINGS), methods=list(METHODS), labels=LABELS, seeds=len(SEEDS),
+                  status=table_status(results), reading=READING)
+    print(f"wrote {write_v3_report(sweep, args.results)}")
+    print(f"wrote {write_index(sweep, args.results.parent, args.results.name)}")
+    return 0
+
+
 def main(argv: Optional[list[str]] = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--results", type=Path, default=RESULTS, help="where cells/ is (default: docs/results/v3)")
@@ -430,9 +465,10 @@ def main(argv: Optional[list[str]] = None) -> int:
     sub.add_parser("list", help="the planned cells and their state")
     reproduce = sub.add_parser("reproduce", help="retrain one cell and compare with its committed numbers")
     reproduce.add_argument("cell", help="a cell name, e.g. sym60-nrd-g0-s0")
+    sub.add_parser("table", help="write the v3 results page, its plots and the results index from the cells")
     args = parser.parse_args(argv)
     args.results, args.runs = args.results.resolve(), args.runs.resolve()
-    return {"run": cmd_run, "list": cmd_list, "reproduce": cmd_reproduce}[args.what](args)
+    return {"run": cmd_run, "list": cmd_list, "reproduce": cmd_reproduce, "table": cmd_table}[args.what](args)
 
 
 if __name__ == "__main__":

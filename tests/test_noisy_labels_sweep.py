@@ -1,7 +1,7 @@
 """The sweep's planning (benchmarks/noisy_labels.py): which cells exist, in what order,
 which grid entry the selection picks, and that a finished cell is never rerun: bookkeeping
 over result files in a temporary folder, since a real cell is a 6-10 minute training run
-(the committed cells in docs/results/cells are those runs). ``diagnose`` runs the real
+(the committed cells in docs/results/v2/cells are those runs). ``diagnose`` runs the real
 tools on a small real run standing in for a cell's run folder."""
 
 import json
