@@ -25,7 +25,7 @@ import time
 import torch
 
 from nrd_dist.config import load_config
-from nrd_dist.engine import build_engine
+from nrd_dist.engines import build_engine
 from nrd_dist.losses import build_loss
 from nrd_dist.models import build_model
 

@@ -3,7 +3,11 @@
 Layout under ``run.output_dir/checkpoints/``::
 
     step_000001200/            a complete checkpoint (renamed into place when complete)
-        shared.pt              student, teacher, optimizer, scheduler, scaler, position, config
+        shared.pt              written by rank 0: the train state (step, epoch,
+                               batches_in_epoch, history, nonfinite_skipped), the
+                               components (teacher, scheduler, bad_data), world_size,
+                               fingerprint, and the engine's entries (student, optimizer,
+                               scaler: see the engine)
         rank0.pt, rank1.pt     each rank's RNG states (Python, NumPy, torch, CUDA)
         deepspeed/             DeepSpeed's own files (engine.backend: deepspeed), all ranks
         zero_portable.pt       ZeRO: full fp32 weights + optimizer state, any world size
@@ -12,32 +16,47 @@ Layout under ``run.output_dir/checkpoints/``::
 
 A checkpoint is written under ``step_N.tmp/`` and renamed only when every rank has
 finished its part, and ``latest`` is replaced after that, so a process killed at any
-moment leaves the previous checkpoint loadable. The data position is ``(epoch,
-batches consumed in the epoch)``: the stream is a function of (seed, epoch, rank,
-worker, batches consumed), so a resumed run replays nothing and skips nothing.
+moment leaves the previous checkpoint loadable.
+
+What is saved is explicit (in the manner of torchtitan's ``CheckpointManager(states=)``):
+a :class:`~nrd_dist.train_state.TrainState`, named components with
+``state_dict``/``load_state_dict``, each rank's :class:`~nrd_dist.train_state.RNGState`,
+and the engine's own part (:meth:`Engine.save_state <nrd_dist.engines.base.Engine.save_state>`,
+which knows where DeepSpeed keeps its shards).
 """
 
 from __future__ import annotations
 
 import os
-import random
 import shutil
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Optional
+from typing import TYPE_CHECKING, Any, Optional
 
-import numpy as np
 import torch
 
-from nrd_dist import zero_portable
 from nrd_dist.config import Config, ConfigError, to_dict
+from nrd_dist.train_state import RNGState, Stateful, TrainState
+
+if TYPE_CHECKING:
+    from nrd_dist.engines.base import Engine
 
 LATEST = "latest"
 COMPLETE = "COMPLETE"
-PORTABLE = "zero_portable.pt"
+SHARED = "shared.pt"  # rank 0's file
 
 # Sections whose change makes a checkpoint meaningless for this run.
-RESUME_CRITICAL = ("model", "loss", "data.train", "data.num_classes", "data.noise", "data.augment",
-                   "data.batch_size", "engine.backend", "engine.zero_stage")
+RESUME_CRITICAL = (
+    "model",
+    "loss",
+    "data.train",
+    "data.num_classes",
+    "data.noise",
+    "data.augment",
+    "data.batch_size",
+    "engine.backend",
+    "engine.zero_stage",
+)
 
 
 def fingerprint(cfg: Config) -> dict[str, Any]:
@@ -48,8 +67,9 @@ def fingerprint(cfg: Config) -> dict[str, Any]:
 
 def config_differences(saved: dict[str, Any], current: dict[str, Any]) -> list[str]:
     keys = sorted(set(saved) | set(current))
-    return [f"{k}: checkpoint {saved.get(k)!r} -> now {current.get(k)!r}" for k in keys
-            if saved.get(k) != current.get(k)]
+    return [
+        f"{k}: checkpoint {saved.get(k)!r} -> now {current.get(k)!r}" for k in keys if saved.get(k) != current.get(k)
+    ]
 
 
 def _flatten(tree: Any, prefix: str = "") -> dict[str, Any]:
@@ -61,93 +81,82 @@ def _flatten(tree: Any, prefix: str = "") -> dict[str, Any]:
     return {prefix[:-1]: tree}
 
 
-def rng_state() -> dict[str, Any]:
-    np_state = np.random.get_state()
-    state = {"python": random.getstate(), "torch": torch.get_rng_state(),
-             # NumPy's state as plain lists, loadable with weights_only=True
-             "numpy": [np_state[0], np_state[1].tolist(), int(np_state[2]), int(np_state[3]), float(np_state[4])]}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
-
-
-def set_rng_state(state: dict[str, Any]) -> None:
-    version, internal, gauss = state["python"]
-    random.setstate((version, tuple(internal), gauss))
-    name, keys, pos, has_gauss, cached = state["numpy"]
-    np.random.set_state((name, np.asarray(keys, dtype=np.uint32), pos, has_gauss, cached))
-    torch.set_rng_state(state["torch"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
-
-
 class NonFiniteWeightsError(RuntimeError):
     pass
 
 
-class Checkpointer:
-    """Saves and restores a Trainer's full state; every rank calls every method."""
+@dataclass
+class Resumed:
+    """Where :meth:`Checkpointer.resume` continued from."""
 
-    def __init__(self, trainer):
-        self.trainer = trainer
-        self.engine = trainer.engine
-        self.root = Path(trainer.cfg.run.output_dir) / "checkpoints"
-        self.keep = trainer.cfg.checkpoint.keep
+    path: Path  # the checkpoint folder
+    written_by: int  # the world size that wrote it
+
+
+class Checkpointer:
+    """Saves and restores a run's state; every rank calls every method.
+
+    Args:
+        cfg: the run's config (``run.output_dir``, ``checkpoint.*``, the fingerprint).
+        engine: saves and loads the student, the optimizer and the loss scaler, and
+            provides the collectives.
+        state: the trainer's progress; ``state.step`` names the checkpoint.
+        components: name -> object with ``state_dict``/``load_state_dict``, saved in
+            ``shared.pt`` under its name (None: saved as None, nothing loaded). Their
+            ``state_dict`` is called on every rank (the ZeRO-3 teacher gathers).
+    """
+
+    def __init__(self, cfg: Config, engine: Engine, state: TrainState, components: dict[str, Optional[Stateful]]):
+        self.cfg = cfg
+        self.engine = engine
+        self.state = state
+        self.components = components
+        self.rank_states: dict[str, Stateful] = {"rng": RNGState()}  # in rank{R}.pt, one per rank
+        self.root = Path(cfg.run.output_dir) / "checkpoints"
+        self.keep = cfg.checkpoint.keep
 
     # ------------------------------------------------------------------ save
 
-    def save(self, epoch: int, batches_in_epoch: int) -> Optional[Path]:
-        t, engine = self.trainer, self.engine
+    def save(self) -> Path:
+        """Write a checkpoint of the current state, named by ``state.step``, and make it
+        the latest; refuses (NonFiniteWeightsError) if the weights are not finite."""
+        engine = self.engine
         if not self._weights_finite():
-            raise NonFiniteWeightsError(f"step {t.step}: the weights are not finite; no checkpoint written "
-                                        "(the previous one stays the latest)")
-        name = f"step_{t.step:09d}"
+            raise NonFiniteWeightsError(
+                f"step {self.state.step}: the weights are not finite; no checkpoint written "
+                "(the previous one stays the latest)"
+            )
+        name = f"step_{self.state.step:09d}"
         tmp = self.root / f"{name}.tmp"
         if engine.is_main:
             shutil.rmtree(tmp, ignore_errors=True)
             tmp.mkdir(parents=True)
         engine.barrier()
-        _atomic_save({"rng": rng_state()}, tmp / f"rank{engine.rank}.pt")
-        teacher_state = t.teacher.state_dict() if t.teacher is not None else None  # collective under ZeRO-3
-        if engine.cfg.engine.backend == "deepspeed":
-            engine.model.save_checkpoint(str(tmp / "deepspeed"), tag="state")  # every rank writes its part
-            if self._sharded and t.cfg.checkpoint.zero_portable:
-                portable = zero_portable.gather(engine.module, engine.optimizer, engine.is_main)  # collective
-                if engine.is_main:
-                    _atomic_save(portable, tmp / PORTABLE)
+        atomic_save({key: s.state_dict() for key, s in self.rank_states.items()}, tmp / f"rank{engine.rank}.pt")
+        components = {key: c.state_dict() if c is not None else None for key, c in self.components.items()}
+        engine_entries = engine.save_state(tmp)  # collective: DeepSpeed writes its shards here
         if engine.is_main:
             shared = {
-                "step": t.step, "epoch": epoch, "batches_in_epoch": batches_in_epoch,
+                **self.state.state_dict(),
                 "world_size": engine.world_size,
-                "fingerprint": fingerprint(t.cfg),
-                "teacher": teacher_state,
-                "scheduler": t.scheduler.state_dict(),
-                "scaler": engine.scaler.state_dict(),
-                "history": {k: [list(p) for p in v] for k, v in t.history.items()},
-                "nonfinite_skipped": t.nonfinite_skipped,
-                "bad_data": t.bad_data.state_dict(),
+                "fingerprint": fingerprint(self.cfg),
+                **components,
+                **engine_entries,
             }
-            if engine.cfg.engine.backend != "deepspeed":
-                shared["student"] = engine.module.state_dict()
-                shared["optimizer"] = engine.optimizer.state_dict()
-            _atomic_save(shared, tmp / "shared.pt")
+            atomic_save(shared, tmp / SHARED)
         engine.barrier()  # every rank's part is on disk
         final = self.root / name
         if engine.is_main:
             (tmp / COMPLETE).write_text(name + "\n")
             shutil.rmtree(final, ignore_errors=True)
             os.replace(tmp, final)
-            _atomic_write(self.root / LATEST, name + "\n")  # last: only now is it the latest
+            atomic_write(self.root / LATEST, name + "\n")  # last: only now is it the latest
             self._prune()
         engine.barrier()
         return final
 
-    @property
-    def _sharded(self) -> bool:
-        """Whether DeepSpeed's files hold per-rank optimizer partitions (ZeRO-1/2/3)."""
-        return self.engine.cfg.engine.backend == "deepspeed" and self.engine.cfg.engine.zero_stage > 0
-
     def _weights_finite(self) -> bool:
+        """Whether every rank's student is finite (collective)."""
         module = self.engine.module  # parameters and floating buffers (BatchNorm statistics)
         tensors = list(module.parameters()) + [b for b in module.buffers() if b.is_floating_point()]
         finite = all(bool(torch.isfinite(t).all()) for t in tensors if t.numel())
@@ -155,7 +164,7 @@ class Checkpointer:
         return float(self.engine.all_reduce_sum(flag)) == 0
 
     def _prune(self) -> None:
-        for old in complete_checkpoints(self.root)[:-self.keep]:
+        for old in complete_checkpoints(self.root)[: -self.keep]:
             shutil.rmtree(old, ignore_errors=True)
         for stale in self.root.glob("step_*.tmp"):  # left by a crash mid-write
             shutil.rmtree(stale, ignore_errors=True)
@@ -169,77 +178,61 @@ class Checkpointer:
         path = self.root / pointer.read_text().strip()
         return path if (path / COMPLETE).exists() else None
 
-    def resume(self) -> Optional[dict]:
-        """Load the latest complete checkpoint, if any; returns its position."""
-        t, engine, cfg = self.trainer, self.engine, self.trainer.cfg
+    def resume(self) -> Optional[Resumed]:
+        """Load the latest complete checkpoint, if any (``checkpoint.resume``).
+
+        The RNG states are restored only at the world size that wrote them; at another
+        one the caller re-deals the data position (``state.batches_in_epoch`` counts the
+        old world size's batches) and the RNGs continue from the seeds."""
+        cfg = self.cfg
         if cfg.checkpoint.resume == "never":
             return None
         path = self.latest()
         if path is None:
             return None
-        shared = torch.load(path / "shared.pt", map_location="cpu", weights_only=True)
+        shared = load_shared(path)
         differences = config_differences(shared["fingerprint"], fingerprint(cfg))
         if differences and cfg.checkpoint.resume != "force":
             raise ConfigError(
                 f"checkpoint.resume: {path} was written with a different config; resuming would be wrong:\n  "
-                + "\n  ".join(differences) + "\nuse a new run.output_dir, or checkpoint.resume=force")
-        if self._sharded and shared["world_size"] != engine.world_size:
-            # DeepSpeed's partitions fit only the world size that wrote them.
-            if not (path / PORTABLE).exists():
-                raise ConfigError(
-                    f"checkpoint.resume: {path} holds ZeRO-{cfg.engine.zero_stage} optimizer partitions of "
-                    f"{shared['world_size']} ranks and no {PORTABLE} (checkpoint.zero_portable was false), so it "
-                    f"resumes only on {shared['world_size']} ranks, not {engine.world_size}; "
-                    "tools/export_model.py still exports its weights")
-            portable = torch.load(path / PORTABLE, map_location="cpu", weights_only=True)
-            zero_portable.load(engine.module, engine.optimizer, portable)
-            engine.model.global_steps = shared["step"] // cfg.engine.grad_accum_steps
-        elif engine.cfg.engine.backend == "deepspeed":
-            engine.model.load_checkpoint(str(path / "deepspeed"), tag="state", load_lr_scheduler_states=False)
-        else:
-            engine.module.load_state_dict(shared["student"])
-            engine.optimizer.load_state_dict(shared["optimizer"])
-        if t.teacher is not None and shared["teacher"] is not None:
-            t.teacher.load_state_dict(shared["teacher"])
-        t.scheduler.load_state_dict(shared["scheduler"])
-        engine.scaler.load_state_dict(shared["scaler"])
-        t.step = shared["step"]
-        t.history = {k: [tuple(p) for p in v] for k, v in shared["history"].items()}
-        t.nonfinite_skipped = shared["nonfinite_skipped"]
-        if "bad_data" in shared:  # checkpoints written before bad-data counting have none
-            t.bad_data.load_state_dict(shared["bad_data"])
-        epoch, batches = shared["epoch"], shared["batches_in_epoch"]
-        rank_file = path / f"rank{engine.rank}.pt"
-        if shared["world_size"] == engine.world_size:
-            if rank_file.exists():
-                set_rng_state(torch.load(rank_file, map_location="cpu", weights_only=True)["rng"])
-        else:
-            # Elastic restart at another world size: the epoch's samples are re-dealt to
-            # the new ranks; skip as many of this epoch's samples as were consumed, and
-            # put the schedule where the new step count says (RNGs come from the seeds).
-            batches = batches * shared["world_size"] // engine.world_size
-            steps_done = epoch * t.steps_per_epoch + batches
-            optimizer_steps = steps_done // t.cfg.engine.grad_accum_steps
-            t.scheduler.last_epoch = optimizer_steps - 1
-            t.scheduler.step()
-        return {"path": path, "epoch": epoch, "batches_in_epoch": batches, "world_size": shared["world_size"]}
+                + "\n  ".join(differences)
+                + "\nuse a new run.output_dir, or checkpoint.resume=force"
+            )
+        written_by = shared["world_size"]
+        self.engine.load_state(path, shared, written_by=written_by, step=shared["step"])
+        for key, component in self.components.items():
+            # None: no such component in this run or in the checkpoint (checkpoints
+            # written before bad-data counting have no bad_data)
+            if component is not None and shared.get(key) is not None:
+                component.load_state_dict(shared[key])
+        self.state.load_state_dict(shared)
+        rank_file = path / f"rank{self.engine.rank}.pt"
+        if written_by == self.engine.world_size and rank_file.exists():
+            saved = torch.load(rank_file, map_location="cpu", weights_only=True)
+            for key, rank_state in self.rank_states.items():
+                rank_state.load_state_dict(saved[key])
+        return Resumed(path, written_by)
+
+
+def load_shared(path: Path) -> dict[str, Any]:
+    """The ``shared.pt`` of checkpoint folder ``path``, on the CPU."""
+    return torch.load(path / SHARED, map_location="cpu", weights_only=True)
 
 
 def complete_checkpoints(root: Path) -> list[Path]:
     """The complete checkpoint folders under ``root`` (a run's ``checkpoints/``), oldest
     first; ``step_N.tmp`` folders are never complete, whatever they hold."""
-    return sorted(p for p in root.glob("step_*")
-                  if p.is_dir() and p.suffix != ".tmp" and (p / COMPLETE).exists())
+    return sorted(p for p in root.glob("step_*") if p.is_dir() and p.suffix != ".tmp" and (p / COMPLETE).exists())
 
 
-def _atomic_save(obj: Any, path: Path) -> None:
+def atomic_save(obj: Any, path: Path) -> None:
+    """``torch.save`` under a temporary name, then renamed: ``path`` is whole or absent."""
     tmp = path.with_name(path.name + ".tmp")
     torch.save(obj, tmp)
     os.replace(tmp, path)
 
 
-def _atomic_write(path: Path, text: str) -> None:
+def atomic_write(path: Path, text: str) -> None:
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text(text)
     os.replace(tmp, path)
-

@@ -1,28 +1,42 @@
-"""The EMA teacher (DESIGN.md sections 1 and 2).
+"""The EMA teacher (docs/design.md sections 1 and 2).
 
 ``theta_ema <- decay * theta_ema + (1 - decay) * theta`` after optimizer steps, in fp32,
 over every floating entry of the student's state dict (weights *and* BatchNorm running
 statistics); integer buffers (``num_batches_tracked``) are copied. The teacher never
 takes part in autograd: its parameters have ``requires_grad=False`` and its forward runs
-under ``torch.inference_mode``.
+without a graph.
 
-The decay of each update comes from one rule, :meth:`DecaySchedule.decay_at`, shared by
-both teachers: optional warm-up copies, then a constant ``decay`` (the paper) or a ramp
-toward it (``ramp``: the mean teacher's or the power ramp of ema_pytorch and timm).
+:class:`Teacher` is the base of every teacher: the cadence (``every``, ``calls``,
+``num_updates``), the decay of each update (optional warm-up copies, then a constant
+``decay`` as in the paper, or a ramp toward it: see :func:`ramped_decay`), the range
+checks of the settings (:func:`check_teacher_settings`, also behind ``TeacherConfig``),
+and the state dict of those counters. A subclass says how the weights are held and
+moved:
+
+    _pull_toward(student, weight)   copy (weight None) or lerp toward the student
+    full_state()                    the whole teacher state dict (collective if sharded)
+    load_full_state(state, strict)  the inverse
+    forward(x), predict_probs(x)    logits / fp32 probabilities, no autograd graph
+
+:class:`EMATeacher` holds a replicated fp32 copy (one process, DDP, ZeRO-0/1/2); the
+ZeRO-3 teacher, partitioned like its student, lives with the DeepSpeed engine
+(:mod:`nrd_dist.engines.deepspeed`). :func:`verify_teacher` checks through the engine's
+collectives that every rank holds the same teacher.
 """
 
 from __future__ import annotations
 
+import abc
 import contextlib
 import copy
 import itertools
-from typing import Any
+from typing import Any, Optional
 
 import torch
 from torch import nn
 
 
-def _matching_precision(x: torch.Tensor):
+def matching_precision(x: torch.Tensor):
     """Half-precision inputs (a DeepSpeed bf16/fp16 student) run the fp32 teacher under
     autocast of that dtype: the student's speed, the teacher's fp32 weights. Otherwise
     the caller's autocast state applies unchanged."""
@@ -32,6 +46,36 @@ def _matching_precision(x: torch.Tensor):
 
 
 RAMPS = ("none", "mean_teacher", "power")
+BN_MODES = ("eval", "batch")
+
+
+def check_teacher_settings(
+    *,
+    decay: float,
+    warmup_steps: int,
+    every: int,
+    bn: str,
+    ramp: str,
+    ramp_power: float,
+    ramp_gamma: float,
+    prefix: str = "teacher",
+) -> None:
+    """The one range check of the teacher's settings, for the teachers' constructors and
+    for ``TeacherConfig.validate``; raises ``ValueError("<prefix>.<field>: ...")``."""
+    if not 0.0 <= decay <= 1.0:
+        raise ValueError(f"{prefix}.decay: must lie in [0, 1], got {decay}")
+    if warmup_steps < 0:
+        raise ValueError(f"{prefix}.warmup_steps: must be >= 0, got {warmup_steps}")
+    if every <= 0:
+        raise ValueError(f"{prefix}.every: must be > 0, got {every}")
+    if ramp not in RAMPS:
+        raise ValueError(f"{prefix}.ramp: must be one of {', '.join(RAMPS)}, got {ramp!r}")
+    if ramp_power <= 0:
+        raise ValueError(f"{prefix}.ramp_power: must be > 0, got {ramp_power}")
+    if ramp_gamma <= 0:
+        raise ValueError(f"{prefix}.ramp_gamma: must be > 0, got {ramp_gamma}")
+    if bn not in BN_MODES:
+        raise ValueError(f"{prefix}.bn: must be 'eval' or 'batch', got {bn!r}")
 
 
 def ramped_decay(t: int, decay: float, ramp: str = "none", power: float = 2 / 3, gamma: float = 1.0) -> float:
@@ -58,35 +102,58 @@ def ramped_decay(t: int, decay: float, ramp: str = "none", power: float = 2 / 3,
     raise ValueError(f"teacher.ramp: must be one of {', '.join(RAMPS)}, got {ramp!r}")
 
 
-class DecaySchedule:
-    """Which decay update number ``n`` (0-based: ``num_updates`` before it) uses, for both
-    teachers, so the ramp logic exists once.
+class Teacher(nn.Module, abc.ABC):
+    """What every EMA teacher shares: settings, cadence, decay schedule, counters.
 
-    Updates ``n < warmup_steps`` copy the student; then the ramp starts at
-    ``t = n - warmup_steps``. Both ramps begin with one more copy at ``t = 0``, so warm-up
-    then ramp is ``warmup_steps + 1`` copies and the ramp from ``t = 1``: exactly
-    ema_pytorch's ``update_after_step = warmup_steps`` with ``update_every = 1``. ``t``
-    counts *applied* updates; ema_pytorch counts ``update()`` calls, so its
-    ``update_every = k`` schedule is ``every: k`` with ``ramp_gamma = inv_gamma / k`` (and
-    ``update_after_step`` a multiple of k, ``warmup_steps = update_after_step / k``). The
-    counter is ``num_updates``, which the teacher's state dict saves: a resumed run
-    continues the ramp where it stopped.
+    Args:
+        decay: EMA decay ``beta`` in [0, 1] (paper: 0.99).
+        warmup_steps: the first ``warmup_steps`` updates copy the student instead of
+            averaging, so an early teacher is not dominated by the random initialisation.
+        every: update on every ``every``-th call of :meth:`update` (the others are no-ops).
+        bn: ``"eval"`` (running statistics; no collectives in the forward) or ``"batch"``
+            (batch statistics; running statistics left to the EMA).
+        ramp, ramp_power, ramp_gamma: the decay ramp after the warm-up (``"none"``: the
+            constant ``decay``); see :func:`ramped_decay`.
+
+    Counters: ``calls`` (every :meth:`update` call: the cadence) and ``num_updates``
+    (updates applied, warm-up copies included: the position in the decay schedule).
+    Both are in the state dict, so a resumed run continues the cadence and the ramp
+    where it stopped.
+
+    Update ``n`` (0-based: ``num_updates`` before it) copies the student when
+    ``n < warmup_steps``; then the ramp starts at ``t = n - warmup_steps``. Both ramps
+    begin with one more copy at ``t = 0``, so warm-up then ramp is ``warmup_steps + 1``
+    copies and the ramp from ``t = 1``: exactly ema_pytorch's ``update_after_step =
+    warmup_steps`` with ``update_every = 1``. ``t`` counts *applied* updates; ema_pytorch
+    counts ``update()`` calls, so its ``update_every = k`` schedule is ``every: k`` with
+    ``ramp_gamma = inv_gamma / k`` (and ``update_after_step`` a multiple of k,
+    ``warmup_steps = update_after_step / k``).
     """
 
-    def set_schedule(self, decay: float, warmup_steps: int, ramp: str, ramp_power: float,
-                     ramp_gamma: float) -> None:
-        if not 0.0 <= decay <= 1.0:
-            raise ValueError(f"teacher.decay: must lie in [0, 1], got {decay}")
-        if warmup_steps < 0:
-            raise ValueError(f"teacher.warmup_steps: must be >= 0, got {warmup_steps}")
-        if ramp not in RAMPS:
-            raise ValueError(f"teacher.ramp: must be one of {', '.join(RAMPS)}, got {ramp!r}")
-        if ramp_power <= 0:
-            raise ValueError(f"teacher.ramp_power: must be > 0, got {ramp_power}")
-        if ramp_gamma <= 0:
-            raise ValueError(f"teacher.ramp_gamma: must be > 0, got {ramp_gamma}")
+    sharded = False  # parameters partitioned over the ranks (ZeRO-3), not replicated
+    module: nn.Module  # the averaged model, set by the subclass
+
+    def __init__(
+        self, decay: float, warmup_steps: int, every: int, bn: str, *, ramp: str, ramp_power: float, ramp_gamma: float
+    ):
+        check_teacher_settings(
+            decay=decay,
+            warmup_steps=warmup_steps,
+            every=every,
+            bn=bn,
+            ramp=ramp,
+            ramp_power=ramp_power,
+            ramp_gamma=ramp_gamma,
+        )
+        super().__init__()
         self.decay, self.warmup_steps = decay, warmup_steps
         self.ramp, self.ramp_power, self.ramp_gamma = ramp, ramp_power, ramp_gamma
+        self.every = every
+        self.bn = bn
+        self.calls = 0  # update() calls so far, cadence counter
+        self.num_updates = 0  # updates actually applied (copies included)
+
+    # ------------------------------------------------------------------ schedule
 
     def copies(self, update_index: int) -> bool:
         """Warm-up: update ``update_index`` copies the student instead of averaging."""
@@ -96,38 +163,73 @@ class DecaySchedule:
         """The decay of update ``update_index``: 0 for a warm-up copy, else ``ramped_decay``."""
         if self.copies(update_index):
             return 0.0
-        return ramped_decay(update_index - self.warmup_steps, self.decay, self.ramp,
-                            self.ramp_power, self.ramp_gamma)
+        return ramped_decay(update_index - self.warmup_steps, self.decay, self.ramp, self.ramp_power, self.ramp_gamma)
+
+    @torch.no_grad()
+    def update(self, student: nn.Module) -> bool:
+        """Move the teacher toward ``student``, the unwrapped student module (call after
+        each optimizer step). Returns True when an update (EMA or warm-up copy) was applied."""
+        self.calls += 1
+        if self.calls % self.every:
+            return False
+        n = self.num_updates
+        self._pull_toward(student, None if self.copies(n) else 1.0 - self.decay_at(n))
+        self.num_updates += 1
+        return True
+
+    @abc.abstractmethod
+    def _pull_toward(self, student: nn.Module, weight: Optional[float]) -> None:
+        """Floating entries: ``lerp(teacher, student, weight)``, or a copy of the
+        student when ``weight`` is None (warm-up); integer buffers: copied."""
+
+    # ------------------------------------------------------------------ mode and state
+
+    def train(self, mode: bool = True) -> "Teacher":
+        # The teacher's mode is fixed by `bn`, whatever the surrounding model.train() says.
+        super().train(mode)
+        self.module.train(self.bn == "batch")
+        return self
+
+    @abc.abstractmethod
+    def full_state(self) -> dict[str, torch.Tensor]:
+        """The whole teacher state dict on this rank (collective when ``sharded``)."""
+
+    @abc.abstractmethod
+    def load_full_state(self, state: dict[str, torch.Tensor], strict: bool = True):
+        """Load a whole teacher state dict (collective when ``sharded``)."""
+
+    def state_dict(self, *args, **kwargs) -> dict[str, Any]:  # type: ignore[override]
+        """``{"model": full state dict, "calls": int, "num_updates": int}`` (the
+        checkpoint's ``teacher`` entry; collective when ``sharded``)."""
+        return {"model": self.full_state(), "calls": self.calls, "num_updates": self.num_updates}
+
+    def load_state_dict(self, state: dict[str, Any], strict: bool = True):  # type: ignore[override]
+        self.calls = int(state["calls"])
+        self.num_updates = int(state["num_updates"])
+        return self.load_full_state(state["model"], strict=strict)
 
 
-class EMATeacher(DecaySchedule, nn.Module):
-    """An exponential moving average of a student model.
+class EMATeacher(Teacher):
+    """An exponential moving average of a student model, replicated on every rank.
 
     Args:
         student: the (unwrapped) student module; the teacher starts as an fp32 copy of it.
-        decay: EMA decay ``beta`` in [0, 1] (paper: 0.99).
-        warmup_steps: the first ``warmup_steps`` updates copy the student instead of
-            averaging, so an early teacher is not dominated by the random initialisation.
-        every: update on every ``every``-th call of :meth:`update` (the others are no-ops).
-        bn: ``"eval"`` (running statistics; no collectives in the forward) or ``"batch"``
-            (batch statistics; running statistics left to the EMA).
-        ramp, ramp_power, ramp_gamma: the decay ramp after the warm-up (``"none"``: the
-            constant ``decay``); see :func:`ramped_decay` and :class:`DecaySchedule`.
+        decay, warmup_steps, every, bn, ramp, ramp_power, ramp_gamma: see :class:`Teacher`.
     """
 
-    def __init__(self, student: nn.Module, decay: float = 0.99, warmup_steps: int = 0,
-                 every: int = 1, bn: str = "eval", *, ramp: str = "none", ramp_power: float = 2 / 3,
-                 ramp_gamma: float = 1.0):
-        super().__init__()
-        if every < 1:
-            raise ValueError(f"teacher.every: must be >= 1, got {every}")
-        if bn not in ("eval", "batch"):
-            raise ValueError(f"teacher.bn: must be 'eval' or 'batch', got {bn!r}")
-        self.set_schedule(decay, warmup_steps, ramp, ramp_power, ramp_gamma)
-        self.every = every
-        self.bn = bn
-        self.calls = 0  # update() calls so far, cadence counter
-        self.num_updates = 0  # updates actually applied (copies included)
+    def __init__(
+        self,
+        student: nn.Module,
+        decay: float = 0.99,
+        warmup_steps: int = 0,
+        every: int = 1,
+        bn: str = "eval",
+        *,
+        ramp: str = "none",
+        ramp_power: float = 2 / 3,
+        ramp_gamma: float = 1.0,
+    ):
+        super().__init__(decay, warmup_steps, every, bn, ramp=ramp, ramp_power=ramp_power, ramp_gamma=ramp_gamma)
         self.module = copy.deepcopy(student).float()
         self.module.requires_grad_(False)
         if bn == "batch":
@@ -136,37 +238,18 @@ class EMATeacher(DecaySchedule, nn.Module):
             for m in self.module.modules():
                 if isinstance(m, nn.modules.batchnorm._BatchNorm):
                     m.momentum = 0.0
-        self._set_mode()
-
-    def _set_mode(self) -> None:
         self.module.train(self.bn == "batch")
 
-    def train(self, mode: bool = True) -> "EMATeacher":
-        # The teacher's mode is fixed by `bn`, whatever the surrounding model.train() says.
-        super().train(mode)
-        self._set_mode()
-        return self
-
-    @torch.no_grad()
-    def update(self, student: nn.Module) -> bool:
-        """Move the teacher toward ``student`` (call after each optimizer step).
-
-        Returns True when an update (EMA or warm-up copy) was applied.
-        """
-        self.calls += 1
-        if self.calls % self.every:
-            return False
+    def _pull_toward(self, student: nn.Module, weight: Optional[float]) -> None:
         floats_t, floats_s, ints_t, ints_s = self._paired_tensors(student)
-        if self.copies(self.num_updates):
+        if weight is None:
             torch._foreach_copy_(floats_t, floats_s)
         elif floats_t:
             # lerp(t, s, w) = t + w (s - t) = decay * t + (1 - decay) * s, one fused kernel
             # per dtype/device group instead of a Python loop over hundreds of tensors.
-            torch._foreach_lerp_(floats_t, floats_s, 1.0 - self.decay_at(self.num_updates))
+            torch._foreach_lerp_(floats_t, floats_s, weight)
         if ints_t:
             torch._foreach_copy_(ints_t, ints_s)
-        self.num_updates += 1
-        return True
 
     def _paired_tensors(self, student: nn.Module):
         """(teacher floats, student floats, teacher ints, student ints), built once per
@@ -188,8 +271,9 @@ class EMATeacher(DecaySchedule, nn.Module):
         student_state = student.state_dict(keep_vars=True)
         if teacher_state.keys() != student_state.keys():
             missing = sorted(set(teacher_state) ^ set(student_state))[:5]
-            raise ValueError(f"teacher and student state dicts differ (e.g. {missing}); "
-                             "pass the unwrapped student module")
+            raise ValueError(
+                f"teacher and student state dicts differ (e.g. {missing}); pass the unwrapped student module"
+            )
         floats_t, floats_s, ints_t, ints_s, casts, raw_s = [], [], [], [], [], []
         for name, t in teacher_state.items():
             s = student_state[name].detach()
@@ -207,7 +291,7 @@ class EMATeacher(DecaySchedule, nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Teacher logits for ``x`` ([B, ...] -> [B, C]); no autograd graph."""
-        with torch.inference_mode(), _matching_precision(x):
+        with torch.inference_mode(), matching_precision(x):
             return self.module(x.float())
 
     def predict_probs(self, x: torch.Tensor) -> torch.Tensor:
@@ -216,114 +300,18 @@ class EMATeacher(DecaySchedule, nn.Module):
         Inference-mode tensors cannot be saved for backward, and the JSD's KL(p_t || m)
         term saves ``p_t``; the clone (B x C floats, negligible) makes it a normal tensor.
         """
-        with torch.inference_mode(), _matching_precision(x):
+        with torch.inference_mode(), matching_precision(x):
             probs = torch.softmax(self.module(x.float()).float(), dim=-1)
         return probs.clone()
 
-    def state_dict(self, *args, **kwargs) -> dict[str, Any]:  # type: ignore[override]
-        return {"model": self.module.state_dict(), "calls": self.calls, "num_updates": self.num_updates}
-
-    def load_state_dict(self, state: dict[str, Any], strict: bool = True):  # type: ignore[override]
-        self.calls = int(state["calls"])
-        self.num_updates = int(state["num_updates"])
-        return self.module.load_state_dict(state["model"], strict=strict)
-
-
-class ZeroThreeTeacher(DecaySchedule, nn.Module):
-    """The EMA teacher under ZeRO-3 (DESIGN.md section 2): partitioned exactly like the
-    student and updated shard-locally, with no full gather per step.
-
-    The teacher is a second DeepSpeed engine (stage 3, fp32, no optimizer). Each update
-    lerps every teacher parameter's local partition (``ds_tensor``) toward the student's
-    fp32 master partition (``safe_get_local_fp32_param``); buffers (BatchNorm statistics)
-    are not partitioned by ZeRO-3 and are averaged like :class:`EMATeacher` does. Its
-    forward gathers parameters like any ZeRO-3 forward.
-    """
-
-    def __init__(self, template: nn.Module, engine, decay: float = 0.99, warmup_steps: int = 0,
-                 every: int = 1, bn: str = "eval", *, ramp: str = "none", ramp_power: float = 2 / 3,
-                 ramp_gamma: float = 1.0):
-        super().__init__()
-        import deepspeed
-
-        if bn != "eval":
-            raise ValueError("teacher.bn: only 'eval' is supported with ZeRO-3")
-        self.set_schedule(decay, warmup_steps, ramp, ramp_power, ramp_gamma)
-        self.every, self.bn = every, bn
-        self.calls = 0
-        self.num_updates = 0
-        self.engine = engine
-        template = copy.deepcopy(template).float()
-        template.requires_grad_(False)
-        self.teacher_engine, *_ = deepspeed.initialize(model=template, config=engine.ds_config(train=False))
-        self.module = self.teacher_engine.module
-        self.module.eval()
-
-    def train(self, mode: bool = True) -> "ZeroThreeTeacher":
-        super().train(mode)
-        self.module.eval()
-        return self
-
-    @torch.no_grad()
-    def update(self, student: nn.Module) -> bool:
-        from deepspeed.utils import safe_get_local_fp32_param
-
-        self.calls += 1
-        if self.calls % self.every:
-            return False
-        teacher_params = [p.ds_tensor for p in self.module.parameters()]
-        student_params = [safe_get_local_fp32_param(p).view(-1) for p in student.parameters()]
-        teacher_buffers = [b for b in self.module.buffers()]
-        student_buffers = [b.detach() for b in student.buffers()]
-        float_t = teacher_params + [b for b in teacher_buffers if b.is_floating_point()]
-        float_s = [s.to(t.dtype) for t, s in zip(teacher_params, student_params)]
-        float_s += [s.to(t.dtype) for t, s in zip(teacher_buffers, student_buffers) if t.is_floating_point()]
-        if self.copies(self.num_updates):
-            torch._foreach_copy_(float_t, float_s)
-        else:
-            torch._foreach_lerp_(float_t, float_s, 1.0 - self.decay_at(self.num_updates))
-        for t, s in zip(teacher_buffers, student_buffers):
-            if not t.is_floating_point():
-                t.copy_(s)
-        self.num_updates += 1
-        return True
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        with torch.no_grad(), _matching_precision(x):  # ZeRO-3's gather hooks need no_grad, not inference_mode
-            return self.module(x.float())
-
-    def predict_probs(self, x: torch.Tensor) -> torch.Tensor:
-        with torch.no_grad(), _matching_precision(x):
-            return torch.softmax(self.module(x.float()).float(), dim=-1)
-
     def full_state(self) -> dict[str, torch.Tensor]:
-        """The whole teacher state, gathered (collective: call on every rank)."""
-        import deepspeed
+        return self.module.state_dict()
 
-        params = list(self.module.parameters())
-        with deepspeed.zero.GatheredParameters(params, modifier_rank=None):
-            return {k: v.detach().clone() for k, v in self.module.state_dict().items()}
-
-    def state_dict(self, *args, **kwargs) -> dict[str, Any]:  # type: ignore[override]
-        return {"model": self.full_state(), "calls": self.calls, "num_updates": self.num_updates}
-
-    def load_state_dict(self, state: dict[str, Any], strict: bool = True):  # type: ignore[override]
-        """Load a full (gathered) state into the partitions (collective)."""
-        import deepspeed
-
-        self.calls = int(state["calls"])
-        self.num_updates = int(state["num_updates"])
-        params = list(self.module.parameters())
-        with deepspeed.zero.GatheredParameters(params, modifier_rank=0):
-            # every rank loads the same full state; rank 0's copy is what gets partitioned
-            return self.module.load_state_dict(state["model"], strict=strict)
+    def load_full_state(self, state: dict[str, torch.Tensor], strict: bool = True):
+        return self.module.load_state_dict(state, strict=strict)
 
 
-def teacher_state(teacher) -> dict[str, torch.Tensor]:
-    """The full teacher state on this rank (gathers under ZeRO-3: call on every rank)."""
-    if isinstance(teacher, ZeroThreeTeacher):
-        return teacher.full_state()
-    return teacher.module.state_dict()
+# ----------------------------------------------------------------------------- cross-rank check
 
 
 def teacher_checksum(state: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -341,16 +329,14 @@ class TeacherDivergedError(RuntimeError):
     pass
 
 
-def verify_teacher(teacher, step: int) -> None:
-    """Stop the run if the teacher differs between ranks (collective: every rank calls it)."""
-    import torch.distributed as dist
-
-    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+def verify_teacher(teacher: Teacher, step: int, engine) -> None:
+    """Stop the run if the teacher differs between ranks (collective: every rank calls
+    it). ``engine`` provides ``distributed`` and ``all_gather`` (an
+    :class:`~nrd_dist.engines.base.Engine`)."""
+    if not engine.distributed:
         return
-    state = teacher_state(teacher)
-    local = teacher_checksum(state)
-    gathered = [torch.empty_like(local) for _ in range(dist.get_world_size())]
-    _all_gather(local, gathered)
+    state = teacher.full_state()
+    gathered = engine.all_gather(teacher_checksum(state))
     names = list(state)
     for rank, other in enumerate(gathered):
         if not torch.equal(other, gathered[0]):
@@ -358,17 +344,5 @@ def verify_teacher(teacher, step: int) -> None:
             raise TeacherDivergedError(
                 f"EMA teacher diverged across ranks at step {step}: rank {rank} differs from rank 0 "
                 f"first at {names[row]!r} (checksums {other[row].tolist()} vs {gathered[0][row].tolist()}); "
-                "the teacher must be identical on every rank")
-
-
-def _all_gather(local: torch.Tensor, out: list[torch.Tensor]) -> None:
-    import torch.distributed as dist
-
-    if dist.get_backend() == "nccl":
-        device = torch.device("cuda", torch.cuda.current_device())
-        parts = [torch.empty_like(local, device=device) for _ in out]
-        dist.all_gather(parts, local.to(device))
-        for dst, src in zip(out, parts):
-            dst.copy_(src.cpu())
-    else:
-        dist.all_gather(out, local)
+                "the teacher must be identical on every rank"
+            )

@@ -1,6 +1,6 @@
 """``python -m nrd_dist.train CONFIG [key=value ...]``: train and evaluate one model.
 
-The step (DESIGN.md section 1), per rank::
+The step (docs/design.md section 1), per rank::
 
     x_s, x_t = student view, teacher view (AugMix) of the same images
     student_logits = f(x_s; theta)                  with gradient
@@ -9,7 +9,7 @@ The step (DESIGN.md section 1), per rank::
     optimizer step; theta_ema <- lerp(theta_ema, theta, 1 - decay)
 
 Baselines (``loss.name: ce`` ...) build no teacher view, run no teacher forward and keep
-no teacher. Outputs go to ``run.output_dir`` (DESIGN.md section 3): ``config.yaml``,
+no teacher. Outputs go to ``run.output_dir`` (docs/design.md section 3): ``config.yaml``,
 ``metrics.jsonl``, ``tensorboard/``, PNG plots and ``summary.json``.
 """
 
@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import json
 import math
 import os
 import random
@@ -30,22 +29,31 @@ from typing import Optional
 import numpy as np
 import torch
 
-from nrd_dist.checkpoint import Checkpointer, NonFiniteWeightsError
+from nrd_dist.checkpoint import Checkpointer, NonFiniteWeightsError, Resumed
 from nrd_dist.config import Config, ConfigError, dump_config, load_config, to_dict
-from nrd_dist.data.augment import TrainViews, build_policy
 from nrd_dist.data import storage
+from nrd_dist.data.augment import TrainViews, build_policy
 from nrd_dist.data.bad_data import BadDataBudget, BadDataError, bad_reports
-from nrd_dist.data.shards import ShardError, ShardStream, expand_urls, make_loader, set_epoch
-from nrd_dist.data.storage import StorageError, read_text
+from nrd_dist.data.shards import (
+    ShardError,
+    ShardStream,
+    StreamSpec,
+    expand_urls,
+    make_loader,
+    manifest_counts,
+    set_epoch,
+)
+from nrd_dist.data.storage import StorageError
 from nrd_dist.data.writer import MANIFEST_NAME
-from nrd_dist.engine import Engine, build_engine
-from nrd_dist.evaluate import EvalContext, evaluate, label_correction
+from nrd_dist.engines import Engine, build_engine
+from nrd_dist.evaluate import EvalContext, LabelCorrectionViews, evaluate, label_correction
 from nrd_dist.losses import build_loss
 from nrd_dist.metrics import bar_chart, line_plot, reliability_diagram
 from nrd_dist.models import build_model
 from nrd_dist.run_log import RunLog, write_json
 from nrd_dist.schedule import lr_multiplier
 from nrd_dist.teacher import TeacherDivergedError, verify_teacher
+from nrd_dist.train_state import TrainState
 
 
 class NonFiniteLossError(RuntimeError):
@@ -63,24 +71,6 @@ class DataPlan:
     train_samples: int
     val_urls: dict[str, list[str]]
     shard_counts: dict[str, int]  # URL -> samples, for every shard a manifest lists
-
-
-def manifest_counts(urls: list[str]) -> dict[str, int]:
-    """The per-shard sample counts of the ``manifest.json`` files beside the shards
-    (shards no manifest lists are left out)."""
-    manifests: dict[str, dict[str, int]] = {}
-    counts = {}
-    for url in urls:
-        folder, _, name = url.rpartition("/")
-        if folder not in manifests:
-            try:
-                manifest = json.loads(read_text(f"{folder}/{MANIFEST_NAME}"))
-                manifests[folder] = {s["name"]: s["count"] for s in manifest["shards"]}
-            except (OSError, ValueError, KeyError):
-                manifests[folder] = {}
-        if name in manifests[folder]:
-            counts[url] = manifests[folder][name]
-    return counts
 
 
 def plan_data(cfg: Config) -> DataPlan:
@@ -113,7 +103,19 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
+def _state_field(name: str) -> property:
+    """``Trainer.<name>`` reads and writes ``Trainer.state.<name>`` (the loop's counters
+    live in the checkpointed :class:`TrainState`; the loop reads better without ``state.``)."""
+    return property(lambda self: getattr(self.state, name), lambda self, value: setattr(self.state, name, value),
+                    doc=f"``self.state.{name}`` (:class:`TrainState`)")
+
+
 class Trainer:
+    step = _state_field("step")  # batches trained so far
+    epoch = _state_field("epoch")  # the epoch being trained
+    history = _state_field("history")  # "{val set}/{model}" -> [(epoch, top-1 %)]
+    nonfinite_skipped = _state_field("nonfinite_skipped")
+
     def __init__(self, cfg: Config, plan: DataPlan, engine: Engine):
         self.cfg = cfg
         self.engine = engine
@@ -158,25 +160,23 @@ class Trainer:
                               cfg.data.workers, drop_last=False, pin_memory=pin)
             for name, urls in plan.val_urls.items()
         }
-        self.step = 0
-        self.epoch = 0
-        self.nonfinite_skipped = 0
+        self.state = TrainState()  # step, data position, history: what checkpoints save besides the components
         self.bad_data = BadDataBudget(cfg.data.max_bad_fraction, plan.train_samples)
-        self.history: dict[str, list] = {}
-        self.checkpointer = Checkpointer(self)
+        self.checkpointer = Checkpointer(cfg, engine, self.state, {"teacher": self.teacher, "scheduler": self.scheduler,
+                                                                   "bad_data": self.bad_data})
 
-    def _stream(self, urls, transform, train: bool, noise: bool = True) -> ShardStream:
-        cfg = self.cfg
-        return ShardStream(urls, transform, cfg.data.num_classes, channels=cfg.model.in_channels,
-                           seed=cfg.run.seed, train=train, shuffle_buffer=cfg.data.shuffle_buffer,
-                           noise=self.noise if noise else None, rank=self.engine.rank,
-                           world_size=self.engine.world_size, sampling=cfg.data.sampling,
-                           storage_options=cfg.data.storage, retries=cfg.data.retries,
-                           retry_backoff_s=cfg.data.retry_backoff_s, expected_counts=self.plan.shard_counts)
+    def _stream(self, urls, transform, train: bool, noise: bool = True, per_sample_seed: bool = False) -> ShardStream:
+        """A stream of this rank's share of ``urls``; ``noise``: apply ``data.noise``."""
+        spec = StreamSpec.from_config(self.cfg, load_time_noise=noise, rank=self.engine.rank,
+                                      world_size=self.engine.world_size, expected_counts=self.plan.shard_counts)
+        return ShardStream(urls, transform, spec, train=train, per_sample_seed=per_sample_seed)
 
     # ------------------------------------------------------------------ the step
 
-    def train_step(self, batch: dict) -> torch.Tensor:
+    def train_step(self, batch: dict) -> Optional[torch.Tensor]:
+        """One step on ``batch`` (the paper's algorithm; see the module docstring). Returns
+        the detached loss (a scalar), or None when the step was skipped (non-finite loss
+        under ``train.nonfinite: skip``)."""
         engine = self.engine
         labels = batch["label"].to(engine.device, non_blocking=True)
         with engine.autocast():
@@ -229,13 +229,13 @@ class Trainer:
 
     def fit(self) -> dict:
         cfg, log = self.cfg, self.log
-        position = self.checkpointer.resume()  # continues the latest complete checkpoint, if any
-        log.open(resumed_step=self.step if position else None)
+        resumed = self.resume()  # continues the latest complete checkpoint, if any
+        log.open(resumed_step=self.step if resumed else None)
         if log.enabled:
             dump_config(cfg, self.out / "config.yaml")
-        if position:
-            log.info(f"resumed from {position['path']} at step {self.step} (epoch {position['epoch']}, "
-                     f"batch {position['batches_in_epoch']}; it was written by {position['world_size']} ranks)")
+        if resumed:
+            log.info(f"resumed from {resumed.path} at step {self.step} (epoch {self.state.epoch}, "
+                     f"batch {self.state.batches_in_epoch}; it was written by {resumed.written_by} ranks)")
         if cfg.loss.ignored_params():
             log.info(f"loss {cfg.loss.name} takes no {', '.join(cfg.loss.ignored_params())}: ignored")
         log.info(f"training {cfg.model.arch} with loss {cfg.loss.name} on {self.plan.train_samples} samples "
@@ -243,17 +243,16 @@ class Trainer:
                  f"epochs, world size {self.engine.world_size}, {self.engine.device}, {self.engine.precision}")
         start = time.time()
         train_time, train_samples = 0.0, 0
-        first_epoch, skip = (position["epoch"], position["batches_in_epoch"]) if position else (0, 0)
         try:
-            for epoch in range(first_epoch, cfg.optim.epochs):
+            for epoch in range(self.state.epoch, cfg.optim.epochs):  # from the data position
                 epoch_start = time.time()
-                seen = self.train_epoch(epoch, skip)
-                skip = 0
+                seen = self.train_epoch(epoch)
                 train_time += time.time() - epoch_start
                 train_samples += seen * self.engine.world_size
                 if (epoch + 1) % cfg.eval.every_epochs == 0 or epoch + 1 == cfg.optim.epochs:
                     self.run_evaluation(epoch)
-                self.checkpointer.save(epoch + 1, 0)
+                self.state.start_epoch(epoch + 1)
+                self.checkpointer.save()
         finally:
             self.train_loader = None  # stops persistent workers (also on an error); frees their memory
         if not hasattr(self, "last_meters"):  # resumed after the last epoch's checkpoint
@@ -262,10 +261,29 @@ class Trainer:
         log.close()
         return summary
 
-    def train_epoch(self, epoch: int, skip: int = 0) -> int:
-        """One epoch of ``steps_per_epoch`` batches; ``skip`` batches were already trained
-        on before the checkpoint this run resumed from."""
+    def resume(self) -> Optional[Resumed]:
+        """Continue the latest complete checkpoint, if any (``checkpoint.resume``).
+
+        Elastic restart at another world size: the epoch's samples are re-dealt to the
+        new ranks, so skip as many of this epoch's samples as were consumed, and put the
+        schedule where the new step count says (the RNGs come from the seeds)."""
+        resumed = self.checkpointer.resume()
+        if resumed is not None and resumed.written_by != self.engine.world_size:
+            state = self.state
+            state.batches_in_epoch = state.batches_in_epoch * resumed.written_by // self.engine.world_size
+            batches_done = state.epoch * self.steps_per_epoch + state.batches_in_epoch
+            optimizer_steps = batches_done // self.cfg.engine.grad_accum_steps
+            self.scheduler.last_epoch = optimizer_steps - 1
+            self.scheduler.step()
+        return resumed
+
+    def train_epoch(self, epoch: int) -> int:
+        """Epoch ``epoch`` (the data position's, ``state.epoch``), from the data position
+        to ``steps_per_epoch`` batches: ``state.batches_in_epoch`` batches were already
+        trained on before the checkpoint this run resumed from (0 otherwise). Returns
+        the samples this rank trained on."""
         cfg, log = self.cfg, self.log
+        skip = self.state.batches_in_epoch
         self.epoch = epoch
         set_epoch(self.train_loader, epoch)
         self.engine.module.train()
@@ -280,8 +298,9 @@ class Trainer:
             batch = next(batches)
             loss = self.train_step(batch)
             self.step += 1
+            self.state.batches_in_epoch = batch_index + 1
             if self.teacher is not None and cfg.teacher.verify_every and self.step % cfg.teacher.verify_every == 0:
-                verify_teacher(self.teacher, self.step)
+                verify_teacher(self.teacher, self.step, self.engine)
             seen += len(batch["label"])
             if loss is not None:
                 pending += loss.float()
@@ -299,7 +318,7 @@ class Trainer:
                 window_steps, window_start = 0, time.time()
             every = cfg.checkpoint.every_steps
             if every and self.step % every == 0 and batch_index + 1 < self.steps_per_epoch:
-                self.checkpointer.save(epoch, batch_index + 1)
+                self.checkpointer.save()
         bar.close()
         del batches  # non-persistent workers stop here, before the next epoch's start
         return seen
@@ -321,7 +340,6 @@ class Trainer:
     def run_evaluation(self, epoch: int) -> None:
         if not self.val_loaders:
             return
-        engine = self.engine
         results, top1 = {}, {}
         for name, loader in self.val_loaders.items():
             set_epoch(loader, 0)
@@ -359,8 +377,8 @@ class Trainer:
             for name, meters in getattr(self, "last_meters", {}).items():
                 curves = {f"{m} (ECE {100 * meter.compute()['ece']:.1f}%)": meter.reliability()
                           for m, meter in meters.items()}
-                path = reliability_diagram(curves, self.out / f"reliability_{name}.png",
-                                           f"{name}: {cfg.loss.name}, {cfg.data.noise.type} noise {cfg.data.noise.rate}")
+                title = f"{name}: {cfg.loss.name}, {cfg.data.noise.type} noise {cfg.data.noise.rate}"
+                path = reliability_diagram(curves, self.out / f"reliability_{name}.png", title)
                 summary["plots"].append(path.name)
             curve = line_plot(self.history, self.out / "accuracy.png", "epoch", "clean top-1 (%)",
                               f"{cfg.loss.name}, {cfg.data.noise.type} noise {cfg.data.noise.rate}")
@@ -370,14 +388,7 @@ class Trainer:
         if correction is not None:
             summary["label_correction"] = correction
             if log.enabled:
-                groups = {}
-                for subset in ("clean", "mislabeled"):
-                    groups[f"{subset} samples (n={correction['counts'][subset]})"] = {
-                        f"{model}, {mode.replace('_', ' ')}": correction[model][mode][subset]
-                        for model in correction if model != "counts" for mode in correction[model]}
-                path = bar_chart(groups, self.out / "label_correction.png",
-                                 "accuracy against clean labels on training samples", "accuracy (%)")
-                summary["plots"].append(path.name)
+                summary["plots"].append(self.plot_label_correction(correction).name)
         write_json(self.out / "summary.json", summary, enabled=log.enabled)
         for name, entry in summary["val"].items():
             line = ", ".join(f"{m} {e['last_top1']:.2f}% (best {e['best_top1']:.2f}%, ECE {100 * e['ece']:.1f}%)"
@@ -387,24 +398,33 @@ class Trainer:
         return summary
 
     def label_correction_analysis(self) -> Optional[dict]:
-        """Needs training shards that carry clean labels; skipped (None) otherwise."""
+        """Table 1 (:func:`nrd_dist.evaluate.label_correction`) on the first
+        ``eval.label_correction_samples`` training samples, K = ``eval.label_correction_views``.
+        Needs training shards that carry clean labels; skipped (None) otherwise.
+
+        Reporting only: the views are drawn per sample from ``(run.seed, key)`` under a
+        forked RNG, so the analysis takes nothing from the RNG training uses, and
+        ``tools/diagnose.py`` on the final checkpoint gets the same numbers."""
         cfg = self.cfg
         if cfg.eval.label_correction_samples == 0:
             return None
-        k = cfg.eval.label_correction_views
-        policy = self.policy
-
-        def plain_and_views(image):
-            return policy.eval(image), torch.stack([policy.teacher(image) for _ in range(k)])
-
-        stream = self._stream(self.plan.train_urls, plain_and_views, train=False)
+        views = LabelCorrectionViews(self.policy, cfg.eval.label_correction_views)
+        stream = self._stream(self.plan.train_urls, views, train=False, per_sample_seed=True)
         loader = make_loader(stream, cfg.eval.batch_size or cfg.data.batch_size, cfg.data.workers, drop_last=False)
         per_rank = math.ceil(cfg.eval.label_correction_samples / self.engine.world_size)
         result = label_correction(self.predictors(), loader, self.eval_context(), per_rank)
         self.engine.module.train()
-        if result.get("counts", {}).get("clean", 0) + result.get("counts", {}).get("mislabeled", 0) == 0:
-            return None
-        return result
+        return result if sum(result["counts"].values()) else None
+
+    def plot_label_correction(self, correction: dict) -> Path:
+        """``label_correction.png``: one group of bars per subset (clean, mislabeled
+        samples), one bar per model and mode."""
+        groups = {f"{subset} samples (n={correction['counts'][subset]})": {
+                      f"{model}, {mode.replace('_', ' ')}": accuracy[subset]
+                      for model, modes in correction.items() if model != "counts" for mode, accuracy in modes.items()}
+                  for subset in ("clean", "mislabeled")}
+        return bar_chart(groups, self.out / "label_correction.png",
+                         "accuracy against clean labels on training samples", "accuracy (%)")
 
 
 # ----------------------------------------------------------------------------- entry point

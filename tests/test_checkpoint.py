@@ -171,6 +171,50 @@ sys.exit(main({[str(a) for a in args(fmnist_small, out, "optim.epochs=1")]!r}))
     assert not list(root.glob("*.tmp"))  # cleaned up
 
 
+def test_checkpointer_saves_and_restores_explicit_state(tmp_path):
+    """In one process: the train state, the named components, the engine's part and the
+    RNG go into the layout tools and older runs read (shared.pt keys), and come back."""
+    import random
+
+    from nrd_dist.checkpoint import Checkpointer
+    from nrd_dist.config import load_config
+    from nrd_dist.engines import LocalEngine
+    from nrd_dist.models import build_model
+    from nrd_dist.train_state import TrainState
+
+    cfg = load_config(DEMO, [f"run.output_dir={tmp_path}"])
+
+    def build():
+        torch.manual_seed(0)
+        engine = LocalEngine(cfg)
+        model = engine.prepare_module(build_model("mlp", 10, 1))
+        optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+        engine.setup(model, optimizer)
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 0.5**step)
+        return engine, scheduler
+
+    engine, scheduler = build()
+    engine.step(engine.model(torch.rand(4, 1, 28, 28)).sum(), scheduler)
+    state = TrainState(step=7, epoch=1, batches_in_epoch=3, history={"val/student": [(1, 42.5)]}, nonfinite_skipped=2)
+    path = Checkpointer(cfg, engine, state, {"teacher": None, "scheduler": scheduler}).save()
+    draws = (random.random(), torch.rand(3))  # what the restored RNGs must draw again
+    shared = torch.load(path / "shared.pt", weights_only=True)
+    assert set(shared) == {"step", "epoch", "batches_in_epoch", "history", "nonfinite_skipped", "world_size",
+                           "fingerprint", "teacher", "scheduler", "scaler", "student", "optimizer"}
+    assert (path / "rank0.pt").exists() and (path / "COMPLETE").exists()
+
+    fresh_engine, fresh_scheduler = build()
+    fresh = TrainState()
+    resumed = Checkpointer(cfg, fresh_engine, fresh, {"teacher": None, "scheduler": fresh_scheduler}).resume()
+    assert resumed.path == path and resumed.written_by == 1
+    assert fresh == state
+    assert fresh_scheduler.state_dict() == scheduler.state_dict()
+    for a, b in zip(fresh_engine.module.parameters(), engine.module.parameters()):
+        assert torch.equal(a, b)
+    assert str(fresh_engine.optimizer.state_dict()) == str(engine.optimizer.state_dict())
+    assert random.random() == draws[0] and torch.equal(torch.rand(3), draws[1])
+
+
 @pytest.mark.parametrize("policy", ["stop", "skip"])
 def test_nonfinite_loss_policy(fmnist_small, tmp_path, policy):
     out = tmp_path / policy

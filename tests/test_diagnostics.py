@@ -6,6 +6,7 @@ brute-force pairwise AUROC and precision@k from the CSV itself."""
 import csv
 import io
 import json
+import random
 import subprocess
 import sys
 import tarfile
@@ -14,9 +15,9 @@ from fractions import Fraction
 import numpy as np
 import pytest
 import torch
+from conftest import REPO
 from PIL import Image
 
-from conftest import REPO
 from nrd_dist.config import load_config, to_dict
 from nrd_dist.data.noise import apply_noise
 from nrd_dist.data.shards import expand_urls
@@ -274,3 +275,38 @@ def test_an_earlier_checkpoint_by_name_or_path(nrd_run, tmp_path, capsys):
     assert find_mislabeled.main([str(nrd_run), "--checkpoint", "step_999999"]) == 2
     err = capsys.readouterr().err
     assert "--checkpoint step_999999: no such checkpoint" in err and f"complete ones: {first.name}, {last.name}" in err
+
+
+def trainer_of(run_dir, out, *overrides):
+    """A Trainer made from a finished run's config.yaml (writing into ``out``), holding the
+    weights of the run's latest checkpoint: its in-run label-correction analysis is what
+    the run would have reported at the end."""
+    from nrd_dist.train import Trainer, build_engine, plan_data
+
+    cfg = load_config(run_dir / "config.yaml", [f"run.output_dir={out}", "checkpoint.resume=never", *overrides])
+    trainer = Trainer(cfg, plan_data(cfg), build_engine(cfg))
+    for name, module in trainer.predictors().items():
+        module.load_state_dict(export_state(run_dir, name))
+    return trainer
+
+
+def test_the_in_run_analysis_and_diagnose_report_the_same_table1(nrd_run, diagnosed, tmp_path):
+    """One definition of Table 1: for the same checkpoint, samples (all 320), K and seed
+    (run.seed), the run's own analysis gives diagnose's numbers exactly, whatever its
+    number of workers; and it draws nothing from the RNGs training uses."""
+    trainer = trainer_of(nrd_run, tmp_path / "again", "eval.label_correction_samples=320",
+                         f"eval.label_correction_views={VIEWS}")
+    try:
+        tables = {}
+        for workers in (0, 2):
+            trainer.cfg.data.workers = workers
+            rngs = torch.get_rng_state(), random.getstate(), np.random.get_state()[1].copy()
+            tables[workers] = trainer.label_correction_analysis()
+            assert torch.equal(torch.get_rng_state(), rngs[0]) and random.getstate() == rngs[1]
+            assert (np.random.get_state()[1] == rngs[2]).all()
+    finally:
+        trainer.log.close()
+    report = diagnosed[0]
+    assert report["views"] == VIEWS and report["view_seed"] == load_config(nrd_run / "config.yaml").run.seed
+    assert tables[0] == tables[2] == {**report["table1"], "counts": report["counts"]}
+    assert report["table1"]["student"]["plain"] != report["table1"]["student"]["augmix_ensemble"]  # not vacuous

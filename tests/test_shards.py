@@ -1,19 +1,33 @@
 """Shard streams over real Fashion-MNIST images: views, splitting, seeding, errors."""
 
+import dataclasses
 import gzip
 import io
+import json
+import random
 import re
 import tarfile
 
 import numpy as np
 import pytest
 import torch
+from conftest import REPO
 from PIL import Image
 
 from nrd_dist.data.augment import TrainViews, build_policy
 from nrd_dist.data.noise import apply_noise
-from nrd_dist.data.shards import ShardError, ShardStream, expand_urls, make_loader, set_epoch
-from nrd_dist.data.writer import ShardWriter
+from nrd_dist.data.shards import (
+    ShardError,
+    ShardStream,
+    StreamSpec,
+    expand_urls,
+    make_loader,
+    manifest_counts,
+    sample_seed,
+    set_epoch,
+)
+from nrd_dist.data.writer import MANIFEST_NAME, ShardWriter
+from nrd_dist.evaluate import LabelCorrectionViews
 
 FMNIST = "/usr/share/datasets/fashion-mnist"
 PER_SHARD = 30
@@ -262,3 +276,83 @@ def test_a_stream_of_nothing_but_bad_samples_stops_instead_of_searching_forever(
                     shuffle_buffer=0)
     with pytest.raises(ShardError, match="bad samples in a row, none usable.*label 42 is out of range"):
         next(iter(s))
+
+
+def views_by_key(shards, urls=None, workers=0, batch_size=7, seed=0, **kw):
+    """key -> (views [K, C, S, S], plain [C, S, S], shard URL) of a per-sample-seeded eval stream."""
+    spec = StreamSpec(num_classes=10, channels=1, seed=seed, **kw)
+    transform = LabelCorrectionViews(build_policy("fmnist"), views=3)
+    s = ShardStream(urls or expand_urls(shards["pattern"]), transform, spec, train=False, per_sample_seed=True,
+                    with_shard=True)
+    batches, _ = collect(make_loader(s, batch_size=batch_size, workers=workers, drop_last=False))
+    return {key: (b["image"]["views"][i], b["image"]["plain"][i], b["shard"][i])
+            for b in batches for i, key in enumerate(b["key"])}
+
+
+def test_per_sample_seed_draws_a_samples_views_from_seed_and_key_alone(shards):
+    """The views of a sample do not depend on the worker count, the batch size, the
+    other samples read or the rank; a different seed redraws them."""
+    urls = expand_urls(shards["pattern"])
+    reference = views_by_key(shards)
+    assert len(reference) == PER_SHARD * NUM_SHARDS
+    assert all(shard == urls[int(key[1:]) // PER_SHARD] for key, (_, _, shard) in reference.items())
+    for other in (views_by_key(shards, workers=2, batch_size=16), views_by_key(shards, urls=urls[1:]),
+                  views_by_key(shards, rank=1, world_size=2)):
+        assert other and set(other) <= set(reference)
+        for key, (views, plain, shard) in other.items():
+            assert torch.equal(views, reference[key][0]) and torch.equal(plain, reference[key][1])
+            assert shard == reference[key][2]
+    some_key, (views, _, _) = next(iter(reference.items()))
+    assert not torch.equal(views[0], views[1])  # K different views of one sample
+    assert not torch.equal(views, views_by_key(shards, seed=1)[some_key][0])
+    assert sample_seed(0, some_key) == sample_seed(0, some_key) != sample_seed(1, some_key)
+
+
+def test_per_sample_seed_leaves_the_global_rngs_alone(shards):
+    """In the main process (workers=0) a per-sample-seeded stream draws nothing from the
+    RNGs the training loop uses; an unseeded one draws its views from them."""
+    def global_states():
+        return torch.get_rng_state(), random.getstate(), np.random.get_state()[1].copy()
+
+    torch.manual_seed(123)
+    before = global_states()
+    views_by_key(shards)
+    after = global_states()
+    assert torch.equal(after[0], before[0]) and after[1] == before[1] and (after[2] == before[2]).all()
+    list(ShardStream(expand_urls(shards["pattern"]), LabelCorrectionViews(build_policy("fmnist"), 2), 10,
+                     channels=1, train=False))
+    assert not torch.equal(torch.get_rng_state(), before[0])
+
+
+def test_stream_spec_is_the_keyword_form_and_comes_from_the_config(shards, tmp_path):
+    from nrd_dist.config import load_config
+
+    urls = expand_urls(shards["pattern"])
+    by_keywords = ShardStream(urls, build_policy("fmnist").eval, 10, channels=1, seed=4, train=False)
+    by_spec = ShardStream(urls, build_policy("fmnist").eval, StreamSpec(10, channels=1, seed=4), train=False)
+    assert by_keywords.spec == by_spec.spec and by_keywords.seed == 4
+    with pytest.raises(TypeError, match="not both"):
+        ShardStream(urls, build_policy("fmnist").eval, StreamSpec(10), channels=1)
+    with pytest.raises(TypeError):
+        ShardStream(urls, build_policy("fmnist").eval, 10, chanels=1)  # a typo is an error, not ignored
+
+    cfg = load_config(REPO / "configs" / "fmnist_demo.yaml", [f"data.train={shards['pattern']}", "run.seed=9",
+                                                              "data.storage={anon: true}"])
+    spec = StreamSpec.from_config(cfg, rank=1, world_size=2, expected_counts={urls[0]: 30})
+    assert spec == StreamSpec(num_classes=10, channels=1, seed=9, shuffle_buffer=2000,
+                              noise=dataclasses.asdict(cfg.data.noise), rank=1, world_size=2, sampling="epoch",
+                              storage_options={"anon": True}, retries=cfg.data.retries,
+                              retry_backoff_s=cfg.data.retry_backoff_s, expected_counts={urls[0]: 30})
+    assert spec.noise["type"] == "symmetric" and spec.noise["rate"] == 0.4
+    assert StreamSpec.from_config(cfg, load_time_noise=False).noise is None
+
+
+def test_manifest_counts_reads_the_manifest_beside_the_shards(tmp_path):
+    (tmp_path / "a").mkdir()
+    (tmp_path / "a" / MANIFEST_NAME).write_text(json.dumps({"shards": [{"name": "x-000000.tar", "count": 5},
+                                                                       {"name": "x-000001.tar", "count": 3}]}))
+    (tmp_path / "b").mkdir()  # no manifest: its shards are left out
+    (tmp_path / "c").mkdir()
+    (tmp_path / "c" / MANIFEST_NAME).write_text("{not json")  # unreadable: left out as well
+    urls = [str(tmp_path / d / f"x-00000{i}.tar") for d in "abc" for i in (0, 1, 2)]
+    assert manifest_counts(urls) == {urls[0]: 5, urls[1]: 3}

@@ -11,8 +11,8 @@ from pathlib import Path
 
 import boto3
 import pytest
-
 from conftest import REPO, S3Server, read_tail, run_train
+
 from nrd_dist.data import storage
 
 DEMO = REPO / "configs" / "fmnist_demo.yaml"
@@ -60,7 +60,8 @@ def test_training_from_s3_equals_training_from_local_disk_and_leaks_no_secret(s3
     s3_summary = json.loads((tmp_path / "s3" / "summary.json").read_text())
     local_summary = json.loads((tmp_path / "local" / "summary.json").read_text())
     assert s3_summary["val"] == local_summary["val"]
-    assert s3_summary["val"]["fmnist_test"]["student"]["last_top1"] > 12  # 10 steps of a fresh model: above chance (10%)
+    # 10 steps of a fresh model: above chance (10%)
+    assert s3_summary["val"]["fmnist_test"]["student"]["last_top1"] > 12
     # The secret is nowhere: not in the console, config.yaml, metrics.jsonl, summary, plots or events.
     assert secret not in remote.stdout + remote.stderr
     for path in (tmp_path / "s3").rglob("*"):

@@ -12,7 +12,7 @@ from nrd_dist.teacher import EMATeacher, ramped_decay
 
 
 def reference_ema(states, decay, warmup_steps=0, every=1):
-    """Independent loop over plain state dicts (DESIGN.md section 1, paper eq. 24)."""
+    """Independent loop over plain state dicts (docs/design.md section 1, paper eq. 24)."""
     teacher = {k: v.clone().double() if v.is_floating_point() else v.clone() for k, v in states[0].items()}
     applied = 0
     for call, student in enumerate(states[1:], start=1):
@@ -305,3 +305,15 @@ def test_ramp_config_defaults_and_constructor_errors():
         EMATeacher(tiny_model(), ramp="cosine")
     with pytest.raises(ValueError, match="teacher.ramp_power: must be > 0"):
         EMATeacher(tiny_model(), ramp="power", ramp_power=0.0)
+
+
+@pytest.mark.parametrize("field, value", [("decay", 1.5), ("warmup_steps", -1), ("every", 0), ("ramp_power", 0.0),
+                                          ("ramp_gamma", -1.0)])
+def test_teacher_settings_are_checked_in_one_place(field, value):
+    """The constructor and the config raise the same message, naming ``teacher.<field>``."""
+    with pytest.raises(ValueError) as constructor:
+        EMATeacher(tiny_model(), **{field: value})
+    with pytest.raises(ConfigError) as config:
+        load_config(None, [f"teacher.{field}={value}"])
+    assert str(constructor.value) == str(config.value)
+    assert str(config.value).startswith(f"teacher.{field}: must")

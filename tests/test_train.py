@@ -76,7 +76,7 @@ def test_baseline_runs_without_teacher(fmnist_small, tmp_path):
 
 
 def test_train_step_skips_the_teacher_for_baselines_and_uses_views_for_gjs(fmnist_small, tmp_path):
-    from nrd_dist.engine import Engine
+    from nrd_dist.engines import LocalEngine as Engine
     from nrd_dist.train import Trainer, plan_data
 
     for loss, views, teacher in (("ce", 1, False), ("gjs", 2, False), ("nrd", 1, True), ("ce_nrd", 1, True)):
@@ -99,7 +99,7 @@ def test_train_step_skips_the_teacher_for_baselines_and_uses_views_for_gjs(fmnis
 
 
 def test_bf16_autocast_step_on_cpu(fmnist_small, tmp_path):
-    from nrd_dist.engine import Engine
+    from nrd_dist.engines import LocalEngine as Engine
     from nrd_dist.train import Trainer, plan_data
 
     cfg = load_config(DEMO, [f"data.train={fmnist_small['train']}", f"run.output_dir={tmp_path}",
@@ -117,7 +117,7 @@ def test_compiled_nrd_step_matches_the_eager_step(fmnist_small, tmp_path):
     """engine.compile (real inductor, C++ on this CPU): the student, the teacher and the
     loss compiled in place take the same step as the eager ones, and every state-dict key
     (checkpoints, the EMA pairing) stays that of the plain modules."""
-    from nrd_dist.engine import Engine
+    from nrd_dist.engines import LocalEngine as Engine
     from nrd_dist.train import Trainer, plan_data
 
     def two_steps(compiled: bool):
@@ -257,7 +257,7 @@ def test_ddp_engine_settings(monkeypatch):
     import torch.distributed as dist
 
     from conftest import free_port
-    from nrd_dist.engine import DDPEngine
+    from nrd_dist.engines import DDPEngine
     from nrd_dist.models import build_model
 
     monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")

@@ -1,4 +1,4 @@
-"""Writing shards and their manifest (DESIGN.md section 3).
+"""Writing shards and their manifest (docs/design.md section 3).
 
 Shards are plain POSIX tar files, ``{prefix}-{000000}.tar``. Member metadata is fixed
 (mtime 0, mode 0444, no owner names) so the same samples always give byte-identical

@@ -27,39 +27,55 @@ from typing import Any, Optional
 
 import numpy as np
 
-from nrd_dist.diagnostics.predictions import (PLAIN, VIEWS, SamplePredictions, add_arguments, describe,
-                                              finite_or_none, predict_from_args, run_tool)
+from nrd_dist.diagnostics.predictions import (
+    SamplePredictions,
+    add_arguments,
+    describe,
+    finite_or_none,
+    predict_from_args,
+    run_tool,
+)
+from nrd_dist.evaluate import PLAIN, VIEWS, Table1
 from nrd_dist.metrics import auroc, histograms, reliability_diagram
 from nrd_dist.run_log import write_json
 
 MODE_TITLES = {PLAIN: "plain image", VIEWS: "mean over {k} AugMix views"}
 
 
-def percent(hits: np.ndarray) -> Optional[float]:
-    """Percentage of True in ``hits``; None (JSON null) for an empty subset."""
-    return 100.0 * float(hits.mean()) if len(hits) else None
+def table1(predictions: SamplePredictions) -> Table1:
+    """The paper's Table 1 of one pass, counted by the accumulator the run's own
+    label-correction analysis uses (:class:`nrd_dist.evaluate.Table1`)."""
+    modes = next(iter(predictions.outputs.values()))  # every model has the same modes
+    table = Table1(predictions.outputs, modes)
+    for name, per_model in predictions.outputs.items():
+        for mode, out in per_model.items():
+            table.add(name, mode, out.prediction, predictions.given, predictions.clean)
+    return table
+
+
+def log_likelihood_summary(values: np.ndarray) -> dict[str, Optional[float]]:
+    """Mean and median of log p(clean label) over a subset; None (JSON null) if empty."""
+    if not len(values):
+        return {"mean": None, "median": None}
+    return {"mean": finite_or_none(float(np.mean(values))), "median": finite_or_none(float(np.median(values)))}
 
 
 def diagnose(predictions: SamplePredictions) -> dict[str, Any]:
     """Table 1, AUROC, calibration and log-likelihood summaries of one pass (clean labels
     known for every sample). Accuracies in percent; ``None`` where a subset is empty."""
     mislabeled = predictions.mislabeled
-    result: dict[str, Any] = {"counts": {"clean": int((~mislabeled).sum()), "mislabeled": int(mislabeled.sum())},
-                              "table1": {}, "auroc": {}, "calibration": {}, "clean_label_log_likelihood": {}}
+    counted = table1(predictions)
+    result: dict[str, Any] = {"counts": counted.sample_counts(), "table1": counted.accuracies(empty=None),
+                              "auroc": {}, "calibration": {}, "clean_label_log_likelihood": {}}
     for name, modes in predictions.outputs.items():
-        for section in ("table1", "auroc", "calibration", "clean_label_log_likelihood"):
+        for section in ("auroc", "calibration", "clean_label_log_likelihood"):
             result[section][name] = {}
         for mode, out in modes.items():
-            correct = out.prediction == predictions.clean
-            result["table1"][name][mode] = {"clean": percent(correct[~mislabeled]),
-                                            "mislabeled": percent(correct[mislabeled])}
             result["auroc"][name][mode] = finite_or_none(auroc(-out.log_p_given, mislabeled))
             result["calibration"][name][mode] = out.meter.compute()
             result["clean_label_log_likelihood"][name][mode] = {
-                subset: {"mean": finite_or_none(float(np.mean(values))) if len(values) else None,
-                         "median": finite_or_none(float(np.median(values))) if len(values) else None}
-                for subset, values in (("clean", out.log_p_clean[~mislabeled]),
-                                       ("mislabeled", out.log_p_clean[mislabeled]))}
+                "clean": log_likelihood_summary(out.log_p_clean[~mislabeled]),
+                "mislabeled": log_likelihood_summary(out.log_p_clean[mislabeled])}
     return result
 
 

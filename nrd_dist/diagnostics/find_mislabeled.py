@@ -26,8 +26,15 @@ from typing import Any, Optional
 
 import numpy as np
 
-from nrd_dist.diagnostics.predictions import (VIEWS, SamplePredictions, add_arguments, describe, finite_or_none,
-                                              predict_from_args, run_tool)
+from nrd_dist.diagnostics.predictions import (
+    SamplePredictions,
+    add_arguments,
+    describe,
+    finite_or_none,
+    predict_from_args,
+    run_tool,
+)
+from nrd_dist.evaluate import VIEWS
 from nrd_dist.metrics import auroc
 from nrd_dist.run_log import write_json
 

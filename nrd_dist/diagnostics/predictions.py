@@ -1,22 +1,27 @@
 """One pass of a run's student and/or teacher over training shards, kept per sample.
 
 Each sample is read as the run read it (``data.noise`` applied at load time unless
-``noise=False``), then predicted on the plain image (the eval transform) and on K AugMix
-teacher views (the ``teacher`` transform of the run's augmentation policy), whose
-softmaxes are averaged: ``p_views = mean_k softmax(f(view_k))``, computed in log space.
+``noise=False``), then predicted on the plain image (the eval transform) and on the
+ensemble of K AugMix teacher views (the ``teacher`` transform of the run's augmentation
+policy). The images, the ensemble (``p_views = mean_k softmax(f(view_k))``, in log
+space) and the prediction (the argmax) are those of the run's own label-correction
+analysis: :mod:`nrd_dist.evaluate` defines them once for both.
 What is kept is O(N), never O(N x classes): per model and mode the log-probability of
 the given and of the clean label, the argmax and its probability, and a
 :class:`~nrd_dist.metrics.ClassificationMeter` against the clean labels (ECE).
 
 Determinism: the views of a sample are drawn under a torch seed made from
-``(seed, sample key)``, so they are the same whatever the number of DataLoader workers,
-the batch size, the shards given, ``max_samples``, and whether the plain image is
-predicted too; ``diagnose`` and ``find_mislabeled`` therefore see the same views.
+``(seed, sample key)`` (``ShardStream(per_sample_seed=True)``), so they are the same
+whatever the number of DataLoader workers, the batch size, the shards given,
+``max_samples``, and whether the plain image is predicted too; ``diagnose``,
+``find_mislabeled`` and the run's in-run analysis (seed ``run.seed``) therefore see the
+same views.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import math
 import sys
 from dataclasses import dataclass, field
@@ -27,19 +32,17 @@ import numpy as np
 import torch
 from torch import nn
 
-from nrd_dist.config import Config, load_config, to_dict
+from nrd_dist.config import Config, load_config
 from nrd_dist.data import storage
-from nrd_dist.data.augment import Policy, build_policy
+from nrd_dist.data.augment import build_policy
 from nrd_dist.data.bad_data import bad_reports
-from nrd_dist.data.shards import ShardError, ShardStream, expand_urls, make_loader, mix_seed
+from nrd_dist.data.shards import ShardError, ShardStream, StreamSpec, expand_urls, make_loader, manifest_counts
+from nrd_dist.evaluate import PLAIN, VIEWS, LabelCorrectionViews, class_log_probs, view_ensemble
 from nrd_dist.losses import LOSSES
 from nrd_dist.metrics import ClassificationMeter
 from nrd_dist.models import build_model
 from nrd_dist.tools.export_model import CHECKPOINT_HELP, export_state, resolve_checkpoint
-from nrd_dist.train import manifest_counts
 
-# The modes' names are those of nrd_dist.evaluate.label_correction (summary.json).
-PLAIN, VIEWS = "plain", "augmix_ensemble"
 REDACTED = "***"  # what config.yaml holds in place of a storage secret
 
 
@@ -106,37 +109,21 @@ def _without_redacted(options: Any) -> Any:
 # ----------------------------------------------------------------------------- the data
 
 
-class ViewsTransform:
-    """uint8 ``[C, H, W]`` -> ``{"views": [K, C, S, S]}`` (K teacher views) and, with
-    ``plain``, ``"plain": [C, S, S]`` (the eval transform). Views come first, so they
-    do not depend on whether the plain image is made."""
+def sample_stream(run: RunModels, urls: Sequence[str], views: int, plain: bool, noise: bool, seed: int
+                  ) -> ShardStream:
+    """Every sample of ``urls`` once, in a fixed order, each carrying its shard URL, as
+    :class:`~nrd_dist.evaluate.LabelCorrectionViews` (K views, and the plain image with
+    ``plain``) drawn from ``(seed, key)``: the images of the run's in-run analysis.
 
-    def __init__(self, policy: Policy, views: int, plain: bool):
-        self.policy, self.views, self.plain = policy, views, plain
-
-    def __call__(self, image: torch.Tensor) -> dict[str, torch.Tensor]:
-        out = {"views": torch.stack([self.policy.teacher(image) for _ in range(self.views)])}
-        if self.plain:
-            out["plain"] = self.policy.eval(image)
-        return out
-
-
-class TaggedStream(ShardStream):
-    """A :class:`ShardStream` (``train=False``: each sample once, in a fixed order) whose
-    samples also carry their shard URL (``shard``), and whose transform runs under a
-    torch seed made from ``(seed, key)`` (see the module docstring)."""
-
-    def _prepare(self, raw: dict[str, Any]) -> dict[str, Any]:
-        sample = super()._prepare(raw)
-        sample["shard"] = raw.get("__url__", "")
-        return sample
-
-    def _finish(self, sample: dict[str, Any]) -> dict[str, Any]:
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(mix_seed("diagnostics-views", self.seed, sample["key"]))
-            out = super()._finish(sample)
-        out["shard"] = sample["shard"]
-        return out
+    ``noise``: apply the run's load-time ``data.noise`` (the labels the run trained on).
+    """
+    cfg = run.cfg
+    aug = cfg.data.augment
+    policy = build_policy(aug.policy, aug.image_size, aug.resize_size, aug.cutout)
+    spec = StreamSpec.from_config(cfg, load_time_noise=noise, expected_counts=manifest_counts(list(urls)))
+    spec = dataclasses.replace(spec, seed=seed, storage_options=_without_redacted(cfg.data.storage))
+    return ShardStream(urls, LabelCorrectionViews(policy, views, plain), spec, train=False, per_sample_seed=True,
+                       with_shard=True)
 
 
 # ----------------------------------------------------------------------------- the outputs
@@ -144,7 +131,7 @@ class TaggedStream(ShardStream):
 
 @dataclass
 class ModeOutputs:
-    """One model in one mode (plain image or K-view average), per sample (float64/int64 [N])."""
+    """One model in one mode (plain image or K-view ensemble), per sample (float64/int64 [N])."""
 
     log_p_given: np.ndarray  # log p(given label)
     log_p_clean: np.ndarray  # log p(clean label); NaN where the clean label is unknown
@@ -177,7 +164,7 @@ class SamplePredictions:
 
 
 @dataclass
-class _Accumulator:
+class _ModeAccumulator:
     """Per-batch pieces of one :class:`ModeOutputs`."""
 
     parts: dict[str, list[torch.Tensor]] = field(default_factory=lambda: {
@@ -207,14 +194,48 @@ class _Accumulator:
 
 
 def _log_probs(model: nn.Module, images: torch.Tensor, device: torch.device, chunk: int) -> torch.Tensor:
-    """log softmax [N, classes] (fp32, on the CPU) of ``images`` [N, C, S, S], ``chunk`` per forward."""
-    return torch.cat([model(part.to(device, non_blocking=True)).float().log_softmax(-1).cpu()
-                      for part in images.split(chunk)])
+    """:func:`~nrd_dist.evaluate.class_log_probs` ``[N, classes]`` (fp32, on the CPU) of
+    ``images`` ``[N, C, S, S]``, ``chunk`` images per forward."""
+    return torch.cat([class_log_probs(model(part.to(device, non_blocking=True))).cpu() for part in images.split(chunk)])
+
+
+def _predict_batch(run: RunModels, batch: dict[str, Any], accumulators: dict[str, dict[str, _ModeAccumulator]],
+                   chunk: int) -> None:
+    """Every model of ``run`` on one batch: the plain image (when the batch has it) and
+    the K-view ensemble (:func:`~nrd_dist.evaluate.view_ensemble`)."""
+    images, given, clean = batch["image"], batch["label"], batch["clean_label"]
+    b, k = images["views"].shape[:2]
+    for name, model in run.models.items():
+        if PLAIN in accumulators[name]:
+            accumulators[name][PLAIN].add(_log_probs(model, images["plain"], run.device, chunk), given, clean)
+        per_view = _log_probs(model, images["views"].flatten(0, 1), run.device, chunk).reshape(b, k, -1)
+        accumulators[name][VIEWS].add(view_ensemble(per_view), given, clean)
 
 
 def _first(batch: dict[str, Any], n: int) -> dict[str, Any]:
     """The first ``n`` samples of a collated batch (nested dicts of tensors and lists)."""
     return {k: _first(v, n) if isinstance(v, dict) else v[:n] for k, v in batch.items()}
+
+
+def _check_clean_labels(batch: dict[str, Any]) -> None:
+    """ShardError naming the shard and the sample, at the first one without a clean label."""
+    missing = (batch["clean_label"] < 0).nonzero()
+    if len(missing):
+        i = int(missing[0])
+        raise ShardError(f"shard {batch['shard'][i]!r}: sample {batch['key'][i]!r} has no clean label "
+                         f"(.clean.cls); this needs training shards with clean labels (made noisy by "
+                         f"tools/inject_noise.py, or clean shards and a run with load-time data.noise)")
+
+
+def _progress_bar(stream: ShardStream, max_samples: Optional[int], progress: bool):
+    """A tqdm bar on stderr (only when it is a terminal), sized from the manifests."""
+    from tqdm import tqdm
+
+    total = sum(stream.spec.expected_counts.get(url, 0) for url in stream.urls) or None
+    if max_samples is not None:
+        total = min(total or max_samples, max_samples)
+    return tqdm(total=total, desc="predicting", unit="sample", dynamic_ncols=True, leave=False, file=sys.stderr,
+                disable=not (progress and sys.stderr.isatty()), mininterval=0.5)
 
 
 @torch.inference_mode()
@@ -239,64 +260,39 @@ def predict_samples(run: RunModels, urls: Sequence[str], views: int, plain: bool
     if max_samples is not None and max_samples < 1:
         raise ValueError(f"--max-samples: must be >= 1, got {max_samples}")
     cfg = run.cfg
-    aug = cfg.data.augment
-    policy = build_policy(aug.policy, aug.image_size, aug.resize_size, aug.cutout)
-    noise_spec = to_dict(cfg.data.noise) if noise and cfg.data.noise.type != "none" else None
     seed = cfg.run.seed if seed is None else seed
     batch_size = batch_size or cfg.eval.batch_size or 2 * cfg.data.batch_size
-    workers = cfg.data.workers if workers is None else workers
-    counts = manifest_counts(list(urls))
-    stream = TaggedStream(urls, ViewsTransform(policy, views, plain), cfg.data.num_classes,
-                          channels=cfg.model.in_channels, seed=seed, train=False, noise=noise_spec,
-                          storage_options=_without_redacted(cfg.data.storage), retries=cfg.data.retries,
-                          retry_backoff_s=cfg.data.retry_backoff_s, expected_counts=counts)
-    loader = make_loader(stream, batch_size, workers, drop_last=False, pin_memory=run.device.type == "cuda")
+    stream = sample_stream(run, urls, views, plain, noise, seed)
+    loader = make_loader(stream, batch_size, cfg.data.workers if workers is None else workers, drop_last=False,
+                         pin_memory=run.device.type == "cuda")
     modes = ([PLAIN] if plain else []) + [VIEWS]
-    sums = {name: {mode: _Accumulator() for mode in modes} for name in run.models}
+    accumulators = {name: {mode: _ModeAccumulator() for mode in modes} for name in run.models}
     keys: list[str] = []
     shards: list[str] = []
     given: list[torch.Tensor] = []
     clean: list[torch.Tensor] = []
-    total = sum(counts.get(url, 0) for url in urls) or None
-    if max_samples is not None:
-        total = min(total or max_samples, max_samples)
-    from tqdm import tqdm
-
-    bar = tqdm(total=total, desc="predicting", unit="sample", dynamic_ncols=True, leave=False, file=sys.stderr,
-               disable=not (progress and sys.stderr.isatty()), mininterval=0.5)
+    bar = _progress_bar(stream, max_samples, progress)
     for batch in loader:
         for report in bad_reports(batch):
             warn(f"skipped {report}")
         if max_samples is not None:
             batch = _first(batch, max_samples - len(keys))
-        if require_clean and (batch["clean_label"] < 0).any():
-            i = int((batch["clean_label"] < 0).nonzero()[0])
-            raise ShardError(f"shard {batch['shard'][i]!r}: sample {batch['key'][i]!r} has no clean label "
-                             f"(.clean.cls); this needs training shards with clean labels (made noisy by "
-                             f"tools/inject_noise.py, or clean shards and a run with load-time data.noise)")
-        images = batch["image"]
-        b, k = images["views"].shape[:2]
-        for name, model in run.models.items():
-            if plain:
-                sums[name][PLAIN].add(_log_probs(model, images["plain"], run.device, batch_size),
-                                      batch["label"], batch["clean_label"])
-            per_view = _log_probs(model, images["views"].flatten(0, 1), run.device, batch_size).reshape(b, k, -1)
-            # log mean_k p_k = logsumexp_k log p_k - log K: no underflow for tiny probabilities
-            sums[name][VIEWS].add(torch.logsumexp(per_view, 1) - math.log(k), batch["label"], batch["clean_label"])
+        if require_clean:
+            _check_clean_labels(batch)
+        _predict_batch(run, batch, accumulators, batch_size)
         keys += batch["key"]
         shards += batch["shard"]
         given.append(batch["label"])
         clean.append(batch["clean_label"])
-        bar.update(b)
+        bar.update(len(batch["key"]))
         if max_samples is not None and len(keys) >= max_samples:
             break
     bar.close()
     if not keys:
         raise ShardError(f"no samples read from {list(urls)!r}")
-    return SamplePredictions(keys, shards, torch.cat(given).numpy(), torch.cat(clean).numpy(),
-                             {name: {mode: acc.result() for mode, acc in per_model.items()}
-                              for name, per_model in sums.items()},
-                             views, seed, noise_spec)
+    outputs = {name: {mode: acc.result() for mode, acc in modes.items()} for name, modes in accumulators.items()}
+    return SamplePredictions(keys, shards, torch.cat(given).numpy(), torch.cat(clean).numpy(), outputs, views, seed,
+                             stream.spec.noise)
 
 
 # ----------------------------------------------------------------------------- the command line

@@ -2,7 +2,12 @@
 
 Writes a plain ``state_dict`` of the student or the EMA teacher from the latest complete
 checkpoint of a run, or the one ``--checkpoint`` names (any engine: one process, DDP,
-DeepSpeed ZeRO 0-3), loadable by the bare model: ``build_model(arch, num_classes, in_channels).load_state_dict(torch.load(FILE))``.
+DeepSpeed ZeRO 0-3), loadable by the bare model::
+
+    build_model(arch, num_classes, in_channels).load_state_dict(torch.load(FILE))
+
+The run's engine (``nrd_dist.engines``) reads the student from the checkpoint and
+consolidates ZeRO shards, in this one process; the teacher is always saved whole.
 """
 
 from __future__ import annotations
@@ -14,8 +19,9 @@ from typing import Optional
 
 import torch
 
-from nrd_dist.checkpoint import COMPLETE, LATEST, complete_checkpoints
+from nrd_dist.checkpoint import COMPLETE, LATEST, complete_checkpoints, load_shared
 from nrd_dist.config import load_config
+from nrd_dist.engines import engine_class
 
 
 def latest_checkpoint(run_dir: Path) -> Path:
@@ -29,8 +35,9 @@ def latest_checkpoint(run_dir: Path) -> Path:
     return path
 
 
-CHECKPOINT_HELP = ("a folder under RUN_DIR/checkpoints, e.g. step_000000400, or its path "
-                   "(default: the latest complete one)")
+CHECKPOINT_HELP = (
+    "a folder under RUN_DIR/checkpoints, e.g. step_000000400, or its path (default: the latest complete one)"
+)
 
 
 def resolve_checkpoint(run_dir: Path, choice: Optional[str] = None) -> Path:
@@ -44,29 +51,22 @@ def resolve_checkpoint(run_dir: Path, choice: Optional[str] = None) -> Path:
                 raise FileNotFoundError(f"{path}: incomplete checkpoint (no {COMPLETE} marker)")
             return path
     available = ", ".join(p.name for p in complete_checkpoints(run_dir / "checkpoints")) or "none"
-    raise FileNotFoundError(f"--checkpoint {choice}: no such checkpoint in {run_dir / 'checkpoints'} "
-                            f"(complete ones: {available})")
+    raise FileNotFoundError(
+        f"--checkpoint {choice}: no such checkpoint in {run_dir / 'checkpoints'} (complete ones: {available})"
+    )
 
 
 def export_state(run_dir: Path, which: str, checkpoint: Optional[Path] = None) -> dict[str, torch.Tensor]:
-    """``which`` (student or teacher) of ``checkpoint`` (default: the run's latest)."""
+    """``which`` (student or teacher) of ``checkpoint`` (default: the run's latest), as a
+    full state dict; the run's engine consolidates a sharded student (no process group)."""
     cfg = load_config(run_dir / "config.yaml")
     path = checkpoint or latest_checkpoint(run_dir)
-    shared = torch.load(path / "shared.pt", map_location="cpu", weights_only=True)
+    shared = load_shared(path)
     if which == "teacher":
         if shared.get("teacher") is None:
             raise ValueError(f"{run_dir}: loss {cfg.loss.name!r} keeps no teacher")
-        return shared["teacher"]["model"]
-    if "student" in shared:
-        return shared["student"]
-    # DeepSpeed: ZeRO stages 1-3 keep fp32 master weights partitioned; consolidate them.
-    ds_dir = path / "deepspeed"
-    if cfg.engine.zero_stage == 0:
-        return torch.load(ds_dir / "state" / "mp_rank_00_model_states.pt", map_location="cpu",
-                          weights_only=False)["module"]
-    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
-
-    return dict(get_fp32_state_dict_from_zero_checkpoint(str(ds_dir), tag="state"))
+        return shared["teacher"]["model"]  # the teacher's state dict: always whole (Teacher.state_dict)
+    return engine_class(cfg).student_from_checkpoint(cfg, path, shared)
 
 
 def main(argv: Optional[list[str]] = None) -> int:

@@ -19,10 +19,10 @@ from pathlib import Path
 import torch
 
 from nrd_dist.config import load_config
-from nrd_dist.engine import build_engine
+from nrd_dist.engines import build_engine
 from nrd_dist.losses import build_loss
 from nrd_dist.models import build_model
-from nrd_dist.teacher import TeacherDivergedError, teacher_checksum, teacher_state, verify_teacher
+from nrd_dist.teacher import TeacherDivergedError, teacher_checksum, verify_teacher
 
 GLOBAL_BATCH = 8
 STEPS = 5
@@ -30,26 +30,32 @@ DECAY = 0.9
 
 
 def gathered_student(engine) -> dict:
-    module = engine.module
-    if engine.cfg.engine.backend == "deepspeed" and engine.cfg.engine.zero_stage == 3:
-        import deepspeed
-
-        with deepspeed.zero.GatheredParameters(list(module.parameters()), modifier_rank=None):
-            return {k: v.detach().clone().cpu() for k, v in module.state_dict().items()}
-    return {k: v.detach().clone().cpu() for k, v in module.state_dict().items()}
+    return {k: v.detach().clone().cpu() for k, v in engine.consolidated_state_dict().items()}
 
 
 def global_batch(step: int):
     g = torch.Generator().manual_seed(100 + step)
-    return (torch.randn(GLOBAL_BATCH, 1, 28, 28, generator=g), torch.randn(GLOBAL_BATCH, 1, 28, 28, generator=g),
-            torch.randint(0, 10, (GLOBAL_BATCH,), generator=g))
+    return (
+        torch.randn(GLOBAL_BATCH, 1, 28, 28, generator=g),
+        torch.randn(GLOBAL_BATCH, 1, 28, 28, generator=g),
+        torch.randint(0, 10, (GLOBAL_BATCH,), generator=g),
+    )
 
 
 def run(arch: str, overrides: list[str]):
     world = int(__import__("os").environ.get("WORLD_SIZE", 1))
     per_rank = GLOBAL_BATCH // world
-    cfg = load_config(None, overrides + [f"model.arch={arch}", f"data.batch_size={per_rank}",
-                                         f"teacher.decay={DECAY}", "optim.lr=0.05", "optim.weight_decay=0.0"])
+    cfg = load_config(
+        None,
+        overrides
+        + [
+            f"model.arch={arch}",
+            f"data.batch_size={per_rank}",
+            f"teacher.decay={DECAY}",
+            "optim.lr=0.05",
+            "optim.weight_decay=0.0",
+        ],
+    )
     engine = RUN_ENGINE if RUN_ENGINE is not None else build_engine(cfg)
     engine.cfg = cfg
     torch.manual_seed(0)
@@ -75,27 +81,31 @@ def run(arch: str, overrides: list[str]):
         teacher.update(engine.module)
         for k, v in gathered_student(engine).items():
             reference[k] = DECAY * reference[k] + (1 - DECAY) * v.double() if v.is_floating_point() else v.double()
-    state = {k: v.detach().cpu().clone() for k, v in teacher_state(teacher).items()}
+    state = {k: v.detach().cpu().clone() for k, v in teacher.full_state().items()}
     max_diff = max(float((state[k].double() - reference[k]).abs().max()) for k in state)
     checksum = teacher_checksum(state).tolist()
-    verify_teacher(teacher, STEPS)  # identical everywhere: must pass
+    verify_teacher(teacher, STEPS, engine)  # identical everywhere: must pass
     detected = None
     buffers = [b for b in teacher.module.buffers() if b.is_floating_point()]
-    zero3 = cfg.engine.backend == "deepspeed" and cfg.engine.zero_stage == 3
-    # Under ZeRO-3 each parameter partition lives on one rank only; what all ranks hold
-    # alike, and so what can diverge, is the buffers.
-    if world > 1 and (buffers or not zero3):
+    # Under ZeRO-3 (a sharded teacher) each parameter partition lives on one rank only;
+    # what all ranks hold alike, and so what can diverge, is the buffers.
+    if world > 1 and (buffers or not teacher.sharded):
         if engine.rank == 1:
             with torch.no_grad():
                 (buffers[0] if buffers else next(teacher.module.parameters())).add_(1e-3)
         try:
-            verify_teacher(teacher, STEPS + 1)
+            verify_teacher(teacher, STEPS + 1, engine)
             detected = False
         except TeacherDivergedError as err:
             detected = str(err)
     compiled = [getattr(m, "_compiled_call_impl", None) is not None for m in (model, teacher.module, loss_fn)]
-    return {"losses": losses, "teacher_max_diff": max_diff, "checksum": checksum,
-            "divergence_detected": detected, "compiled": compiled}
+    return {
+        "losses": losses,
+        "teacher_max_diff": max_diff,
+        "checksum": checksum,
+        "divergence_detected": detected,
+        "compiled": compiled,
+    }
 
 
 RUN_ENGINE = None

@@ -8,17 +8,18 @@ import json
 import torch
 
 from nrd_dist.config import load_config
-from nrd_dist.engine import build_engine
+from nrd_dist.engines import build_engine
 from nrd_dist.models import build_model
 
-cfg = load_config(None, ["engine.backend=deepspeed", "engine.grad_accum_steps=2", "data.batch_size=4",
-                         "model.arch=mlp"])
+cfg = load_config(
+    None, ["engine.backend=deepspeed", "engine.grad_accum_steps=2", "data.batch_size=4", "model.arch=mlp"]
+)
 engine = build_engine(cfg)
 torch.manual_seed(0)
 model = build_model("mlp", 10, 1)
 reference = copy.deepcopy(model)
 optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
-scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 0.5 ** step)
+scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 0.5**step)
 engine.setup(model, optimizer)
 g = torch.Generator().manual_seed(1)
 x, y = torch.randn(8, 1, 28, 28, generator=g), torch.randint(0, 10, (8,), generator=g)

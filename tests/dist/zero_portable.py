@@ -22,9 +22,8 @@ from pathlib import Path
 
 import torch
 
-from nrd_dist import zero_portable
 from nrd_dist.config import load_config
-from nrd_dist.engine import build_engine
+from nrd_dist.engines import build_engine
 from nrd_dist.models import build_model
 
 GLOBAL_BATCH = 12
@@ -37,8 +36,15 @@ def batch(step: int):
 
 def build(stage: int):
     world = int(os.environ["WORLD_SIZE"])
-    cfg = load_config(None, ["engine.backend=deepspeed", f"engine.zero_stage={stage}", "model.arch=mlp",
-                             f"data.batch_size={GLOBAL_BATCH // world}"])
+    cfg = load_config(
+        None,
+        [
+            "engine.backend=deepspeed",
+            f"engine.zero_stage={stage}",
+            "model.arch=mlp",
+            f"data.batch_size={GLOBAL_BATCH // world}",
+        ],
+    )
     engine = build_engine(cfg)
     torch.manual_seed(0)
     model = engine.prepare_module(build_model("mlp", 10, 1))
@@ -60,17 +66,17 @@ def run_stage(mode: str, out: Path, stage: int):
     if mode == "save":
         for number in range(3):
             step(engine, world, number)
-        state = zero_portable.gather(engine.module, engine.optimizer, engine.is_main)
+        state = engine.portable_state()
         if engine.is_main:
             out.mkdir(parents=True, exist_ok=True)
             torch.save(state, out / "portable.pt")
             torch.save(batch(3), out / "batch.pt")
     else:
         state = torch.load(out / "portable.pt", weights_only=True)
-        zero_portable.load(engine.module, engine.optimizer, state)
-        again = zero_portable.gather(engine.module, engine.optimizer, engine.is_main)
+        engine.load_portable_state(state)
+        again = engine.portable_state()
         step(engine, world, 3)
-        after = zero_portable.gather(engine.module, engine.optimizer, engine.is_main)
+        after = engine.portable_state()
         if engine.is_main:
             torch.save({"round_trip": again, "after_step": after}, out / f"after_load_{world}.pt")
     engine.barrier()

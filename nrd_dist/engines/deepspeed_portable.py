@@ -1,4 +1,5 @@
-"""A world-size-independent copy of a ZeRO-sharded student and its optimizer state.
+"""A world-size-independent copy of a ZeRO-sharded student and its optimizer state
+(used by :class:`nrd_dist.engines.deepspeed.DeepSpeedEngine` only).
 
 DeepSpeed's own checkpoint files hold each rank's partition of the fp32 master weights
 and of the optimizer state, laid out for that world size: they load only on as many
@@ -11,7 +12,13 @@ Loading it on any number of ranks writes each rank's slice back into the partiti
 DeepSpeed's universal checkpoint does the same offline, but its converter knows only
 Adam's state keys (``exp_avg``/``exp_avg_sq``), not SGD's momentum.
 
-Every function here is a collective: all ranks call it, in the same order.
+Every public function here is a collective: all ranks call it, in the same order.
+``optimizer`` is DeepSpeed's ZeRO optimizer (``engine.optimizer`` after
+``deepspeed.initialize``), ``module`` the unwrapped student.
+
+The portable dict: ``params`` {name: full fp32 tensor}, ``buffers`` {name: tensor},
+``optimizer_state`` {state key: {name: full tensor}}, ``group_scalars`` {flat group
+index: {key: value}}.
 """
 
 from __future__ import annotations
@@ -19,6 +26,12 @@ from __future__ import annotations
 from typing import Any, Optional
 
 import torch
+from deepspeed.utils import (
+    safe_get_full_fp32_param,
+    safe_get_full_optimizer_state,
+    safe_set_full_fp32_param,
+    safe_set_full_optimizer_state,
+)
 from torch import nn
 
 
@@ -46,8 +59,6 @@ def optimizer_state_keys(optimizer) -> list[str]:
 
 def gather(module: nn.Module, optimizer, is_main: bool) -> Optional[dict[str, Any]]:
     """The full fp32 weights and optimizer state, on rank 0 (None elsewhere)."""
-    from deepspeed.utils import safe_get_full_fp32_param, safe_get_full_optimizer_state
-
     keys = optimizer_state_keys(optimizer)
     if keys and _zero_stage(optimizer) < 3:
         # Links each parameter to its slice of the state (DeepSpeed does this after its
@@ -69,8 +80,11 @@ def gather(module: nn.Module, optimizer, is_main: bool) -> Optional[dict[str, An
         return None
     scalars = {}  # per-group scalars such as Adam's step count, identical on every rank
     for index, flat in enumerate(_flat_partitions(optimizer)):
-        scalars[index] = {k: v.detach().cpu().clone() if torch.is_tensor(v) else v
-                          for k, v in optimizer.optimizer.state.get(flat, {}).items() if k not in keys}
+        scalars[index] = {
+            k: v.detach().cpu().clone() if torch.is_tensor(v) else v
+            for k, v in optimizer.optimizer.state.get(flat, {}).items()
+            if k not in keys
+        }
     buffers = {name: b.detach().cpu().clone() for name, b in module.named_buffers()}  # replicated, not sharded
     return {"params": params, "buffers": buffers, "optimizer_state": states, "group_scalars": scalars}
 
@@ -110,8 +124,6 @@ def load(module: nn.Module, optimizer, portable: dict[str, Any]) -> None:
 def _set_full(optimizer, param: nn.Parameter, value: torch.Tensor, key: Optional[str] = None) -> None:
     """Copy this rank's slice of the full ``value`` into the fp32 master (``key`` None)
     or into the optimizer state ``key``."""
-    from deepspeed.utils import safe_set_full_fp32_param, safe_set_full_optimizer_state
-
     value = value.to(_flat_partitions(optimizer)[0].device)
     if _zero_stage(optimizer) < 3:
         if key is None:
@@ -121,10 +133,9 @@ def _set_full(optimizer, param: nn.Parameter, value: torch.Tensor, key: Optional
         return
     # DeepSpeed 0.19's stage-3 setter slices the unpadded value, so it fails on the last
     # rank whenever the parameter's size is not a multiple of the world size: pad first.
-    partition, _ = optimizer._get_fp32_opt_state_partition(param, release_swap_buffers=False,
-                                                            optim_state_key=key)
+    partition, _ = optimizer._get_fp32_opt_state_partition(param, release_swap_buffers=False, optim_state_key=key)
     rank = optimizer._get_param_partition_rank(param)
     world = optimizer._get_param_partition_world_size(param)
     padded = torch.zeros(partition.numel() * world, dtype=partition.dtype, device=partition.device)
-    padded[:value.numel()] = value.flatten()
+    padded[: value.numel()] = value.flatten()
     partition.data.copy_(padded.narrow(0, partition.numel() * rank, partition.numel()))
