@@ -30,6 +30,8 @@ from typing import Any, Callable, Iterator, Literal, Optional, Union
 
 import yaml
 
+from nrd_dist.engines.backends import check_engine_settings
+
 
 class ConfigError(ValueError):
     """A configuration problem; the message starts with the offending key path."""
@@ -415,23 +417,13 @@ class EngineConfig:
     )
 
     def validate(self, path: str) -> None:
-        if self.zero_stage not in (0, 1, 2, 3):
-            raise ConfigError(f"{path}.zero_stage: must be 0, 1, 2 or 3, got {self.zero_stage}")
-        if self.zero_stage and self.backend != "deepspeed":
-            raise ConfigError(f"{path}.zero_stage: ZeRO needs engine.backend=deepspeed (got backend {self.backend!r})")
         _positive(f"{path}.grad_accum_steps", self.grad_accum_steps)
-        if self.grad_accum_steps > 1 and self.backend != "deepspeed":
-            raise ConfigError(f"{path}.grad_accum_steps: gradient accumulation needs engine.backend=deepspeed")
+        _judge(path, lambda: check_engine_settings(self.backend, self.zero_stage, self.grad_accum_steps, self.compile))
         _positive(f"{path}.timeout_s", self.timeout_s)
         _positive(f"{path}.ddp_bucket_cap_mb", self.ddp_bucket_cap_mb)
         if self.compile_mode not in COMPILE_MODES:
             raise ConfigError(
                 f"{path}.compile_mode: must be one of {', '.join(COMPILE_MODES)}, got {self.compile_mode!r}"
-            )
-        if self.compile and self.backend == "deepspeed":
-            raise ConfigError(
-                f"{path}.compile: supported with engine.backend=ddp (and one process); "
-                f"DeepSpeed's ZeRO hooks are not traced here"
             )
 
 

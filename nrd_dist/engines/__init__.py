@@ -22,45 +22,23 @@ Backends, one module each; only this package chooses between them, and only
 
 from __future__ import annotations
 
-import os
+import importlib
+from typing import Any
 
-from nrd_dist.config import Config
-from nrd_dist.engines.base import Engine, resolve_precision
-from nrd_dist.engines.ddp import DDPEngine
-from nrd_dist.engines.local import LocalEngine
-
-__all__ = ["DDPEngine", "Engine", "LocalEngine", "build_engine", "engine_class", "resolve_precision"]
-
-
-def engine_class(cfg: Config, world_size: int = 1) -> type[Engine]:
-    """The engine class for ``cfg`` at ``world_size`` ranks, without building it (the
-    exporter reads checkpoints with it, in one process)."""
-    if cfg.engine.backend == "deepspeed":
-        from nrd_dist.engines.deepspeed import DeepSpeedEngine  # imports DeepSpeed: only when asked for
-
-        return DeepSpeedEngine
-    return DDPEngine if world_size > 1 else LocalEngine
+# Names resolved on first use (PEP 562), so that the config can read
+# ``nrd_dist.engines.backends`` (what each backend supports) without importing torch.
+_LAZY = {
+    "Engine": "nrd_dist.engines.base",
+    "resolve_precision": "nrd_dist.engines.base",
+    "DDPEngine": "nrd_dist.engines.ddp",
+    "LocalEngine": "nrd_dist.engines.local",
+    "build_engine": "nrd_dist.engines.factory",
+    "engine_class": "nrd_dist.engines.factory",
+}
+__all__ = sorted(_LAZY)
 
 
-def build_engine(cfg: Config) -> Engine:
-    """The engine for ``cfg`` in this process: DeepSpeed when ``engine.backend`` says so
-    (a world of one under plain ``python``), else DDP under torchrun with more than one
-    rank, else one local process."""
-    if cfg.engine.backend == "deepspeed" and "RANK" not in os.environ:
-        # plain `python`: a world of one for DeepSpeed, which always wants a process group
-        os.environ.update(
-            RANK="0",
-            LOCAL_RANK="0",
-            WORLD_SIZE="1",
-            MASTER_ADDR="127.0.0.1",
-            MASTER_PORT=os.environ.get("MASTER_PORT", str(_free_port())),
-        )
-    return engine_class(cfg, int(os.environ.get("WORLD_SIZE", 1)))(cfg)
-
-
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+def __getattr__(name: str) -> Any:
+    if name not in _LAZY:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    return getattr(importlib.import_module(_LAZY[name]), name)
