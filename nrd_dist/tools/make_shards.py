@@ -1,7 +1,7 @@
 """``python tools/make_shards.py DATASET --src SRC --out OUT [--split S] ...``
 
 Converts a dataset in its original layout into webdataset shards plus ``manifest.json``
-(DESIGN.md section 3), optionally baking in synthetic label noise through the same
+(docs/design.md, "Shards"), optionally baking in synthetic label noise through the same
 ``apply_noise`` used at load time (so both routes give identical noisy labels).
 
 Each split goes to ``OUT/{split}/{split}-{000000..}.tar`` with its own manifest. ``OUT``

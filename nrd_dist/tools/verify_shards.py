@@ -1,7 +1,7 @@
 """``python tools/verify_shards.py DIR_OR_URL [--deep] [--storage-options JSON]``
 
 Checks a shard folder (a local path or any fsspec URL such as ``s3://bucket/fmnist/train``)
-against the ``manifest.json`` beside its shards (DESIGN.md section 3).
+against the ``manifest.json`` beside its shards (docs/design.md, "Shards").
 
 Always: every shard the manifest lists exists, with the listed size, sha256 and sample
 count (samples grouped as the webdataset loader groups them), the counts add up to
