@@ -1,7 +1,7 @@
 """The noisy-label benchmark sweep on Fashion-MNIST (real data, available here).
 
     .venv/bin/python benchmarks/noisy_labels.py run [--only CELL_PREFIX] [--commit]
-    .venv/bin/python benchmarks/noisy_labels.py diagnose [--only CELL_PREFIX]  # Table 1, AUROC, precision@k of CE and NRD runs
+    .venv/bin/python benchmarks/noisy_labels.py diagnose [--only CELL_PREFIX]  # Table 1, AUROC, precision@k (CE, NRD)
     .venv/bin/python benchmarks/noisy_labels.py table
     .venv/bin/python benchmarks/noisy_labels.py list
 
@@ -14,7 +14,7 @@ where this file says).
 What the rates mean (``data.noise``): symmetric noise at rate r resamples a label
 uniformly over all 10 classes, the true one included, so about 0.9 r of the labels end
 up wrong: of the 2,000 training labels 347 / 723 / 1,070 / 1,471 are wrong at 20 / 40 /
-60 / 80% (17 / 36 / 54 / 74%; the paper's and GJS's definition, DESIGN.md). Asymmetric
+60 / 80% (17 / 36 / 54 / 74%; the paper's and GJS's definition, docs/design.md). Asymmetric
 40% flips 40% of the labels of the 6 paired classes into their partner (about 24% of
 all labels).
 
@@ -69,7 +69,6 @@ from pathlib import Path
 from typing import Any, Optional
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(Path(__file__).resolve().parent))  # sweep_report beside this file
 RESULTS = REPO / "docs" / "results" / "v2"
 CELLS = RESULTS / "cells"
 RUNS = REPO / "runs" / "sweep-v2"  # v1 ran in runs/sweep
@@ -365,8 +364,8 @@ def cmd_diagnose(args) -> int:
             print(f"[sweep] find_mislabeled {name}", flush=True)
             subprocess.run(cmd, cwd=REPO, check=True, stdout=subprocess.DEVNULL)
             summary = json.loads(csv.with_name(csv.stem + ".summary.json").read_text())
-            report["find_mislabeled"] = {"command": relative_command(cmd),
-                                         **{k: summary.get(k) for k in ("model", "score", "mislabeled", "at_k", "auroc")}}
+            keys = ("model", "score", "mislabeled", "at_k", "auroc")
+            report["find_mislabeled"] = {"command": relative_command(cmd), **{k: summary.get(k) for k in keys}}
             write_atomic(target, json.dumps(report, indent=1) + "\n")
     return 0
 

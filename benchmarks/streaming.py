@@ -17,14 +17,10 @@ import sys
 import time
 from pathlib import Path
 
+from common import DEMO_TRAIN_SHARDS, local_shards  # benchmarks/common.py: run as a script, its folder is on sys.path
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO / "tests"))  # the tests' S3 server fixture class, reused
-
-from common import DEMO_TRAIN_SHARDS, local_shards  # noqa: E402
-from conftest import S3Server  # noqa: E402
-
-from nrd_dist.data.shards import ShardStream, make_loader  # noqa: E402
+from nrd_dist.data.shards import ShardStream, make_loader
+from nrd_dist.testing.s3_server import S3Server  # the tests' S3 server, shared with tests/conftest.py
 
 
 def samples_per_s(urls: list[str], workers: int, options: dict, batch_size: int = 256) -> tuple[float, int]:

@@ -441,7 +441,6 @@ def table_status(results: Results) -> str:
 def cmd_table(args) -> int:
     """RESULTS/README.md and its plots, and the results index one folder up, from the cell
     files alone (benchmarks/sweep_report.py)."""
-    sys.path.insert(0, str(Path(__file__).resolve().parent))  # sweep_report beside this file
     from sweep_report import Sweep, write_index, write_v3_report
 
     results = Results(args.results)

@@ -1,10 +1,15 @@
 """Shared fixtures: small shard sets of real Fashion-MNIST images, process groups
-stopped by PID, and a real S3 server (moto in server mode) on loopback."""
+stopped by PID, and a real S3 server (moto in server mode) on loopback
+(nrd_dist/testing/s3_server.py, which benchmarks/streaming.py uses too); and
+``load_benchmark`` for the tests of the benchmark scripts."""
 
+import ast
 import gzip
+import importlib.util
 import io
 import subprocess
 import sys
+import types
 from pathlib import Path
 
 import numpy as np
@@ -13,9 +18,48 @@ from PIL import Image
 
 from nrd_dist.data.noise import noise_report
 from nrd_dist.data.writer import ShardWriter, write_manifest
+from nrd_dist.testing.processes import kill_tree, read_tail
+from nrd_dist.testing.s3_server import S3Server
 
 FMNIST = Path("/usr/share/datasets/fashion-mnist")
 REPO = Path(__file__).resolve().parents[1]
+BENCHMARKS = REPO / "benchmarks"
+
+
+def load_benchmark(name: str) -> types.ModuleType:
+    """``benchmarks/{name}.py`` as the module ``name``, without editing sys.path.
+
+    benchmarks/ is a folder of scripts, not a package: run as a script, a benchmark finds
+    its siblings (``from sweep_report import ...``) because Python puts the script's own
+    folder first on sys.path. Here the file is loaded by path and registered in
+    sys.modules under its name (dataclasses look their module up there), after the
+    siblings it imports anywhere in the file, so that those imports find them there.
+    A second call returns the module loaded by the first."""
+    path = BENCHMARKS / f"{name}.py"
+    loaded = sys.modules.get(name)
+    if loaded is not None:
+        if Path(getattr(loaded, "__file__", "") or "").resolve() != path:
+            raise ImportError(f"cannot load {path}: the module name {name!r} is taken by {loaded!r}")
+        return loaded
+    for node in ast.walk(ast.parse(path.read_text(), str(path))):
+        if isinstance(node, ast.Import):
+            imported = [alias.name for alias in node.names]
+        elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+            imported = [node.module]
+        else:
+            continue
+        for sibling in imported:
+            if sibling != name and (BENCHMARKS / f"{sibling}.py").is_file():
+                load_benchmark(sibling)
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    try:
+        spec.loader.exec_module(module)
+    except BaseException:
+        del sys.modules[name]
+        raise
+    return module
 
 
 def read_fmnist(split: str, n: int, offset: int = 0):
@@ -127,14 +171,6 @@ def run_train(args, cwd=REPO, timeout=600):
                           capture_output=True, text=True, timeout=timeout)
 
 
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 class ProcessGroup:
     """Processes started in their own sessions, stopped (with all their children) by
     their own PIDs when the test ends, passed or failed."""
@@ -161,9 +197,9 @@ class ProcessGroup:
             remaining = max(deadline - time.time(), 1)
             try:
                 proc.wait(timeout=remaining)
-            except subprocess.TimeoutExpired:
+            except subprocess.TimeoutExpired as err:
                 self.stop()
-                raise AssertionError(f"timed out after {timeout}s: {proc.args}\n{read_tail(proc.log_path)}")
+                raise AssertionError(f"timed out after {timeout}s: {proc.args}\n{read_tail(proc.log_path)}") from err
         return [p.returncode for p in self.procs]
 
     def stop(self):
@@ -173,102 +209,11 @@ class ProcessGroup:
             proc.log_file.close()
 
 
-def kill_tree(pid: int) -> None:
-    """SIGKILL a process and all its descendants, found by PID: launchers start their
-    workers in sessions of their own, so killing the launcher's group is not enough."""
-    import psutil
-
-    try:
-        root = psutil.Process(pid)
-        family = root.children(recursive=True) + [root]
-    except psutil.NoSuchProcess:
-        return
-    for proc in family:
-        try:
-            proc.kill()
-        except psutil.NoSuchProcess:
-            pass
-    psutil.wait_procs(family, timeout=30)
-
-
-def read_tail(path, chars=4000):
-    return Path(path).read_text(errors="replace")[-chars:]
-
-
 @pytest.fixture
 def processes():
     group = ProcessGroup()
     yield group
     group.stop()
-
-
-# Credentials for the loopback S3 server only; moto accepts any pair unless told to
-# enforce IAM. AWS_EC2_METADATA_DISABLED keeps botocore off 169.254.169.254.
-S3_ENV = {"AWS_ACCESS_KEY_ID": "nrd-test-key-id", "AWS_SECRET_ACCESS_KEY": "nrd-test-secret-do-not-log",
-          "AWS_DEFAULT_REGION": "us-east-1", "AWS_EC2_METADATA_DISABLED": "true"}
-
-
-class S3Server:
-    """``moto_server`` in a process of its own on 127.0.0.1 (what s3fs's own tests use).
-
-    ``endpoint``: its URL; ``env``: what a subprocess needs to reach it (credentials and
-    ``AWS_ENDPOINT_URL``); ``storage_options``: the fsspec options for this process;
-    ``fs()``: a fresh s3fs filesystem. ``stop()``/``start()`` kill and restart it (state
-    is lost: moto keeps it in memory)."""
-
-    def __init__(self, log_path: Path):
-        self.log_path = log_path
-        self.port = free_port()
-        self.endpoint = f"http://127.0.0.1:{self.port}"
-        self.env = {**S3_ENV, "AWS_ENDPOINT_URL": self.endpoint}
-        self.storage_options = {"endpoint_url": self.endpoint, "key": S3_ENV["AWS_ACCESS_KEY_ID"],
-                                "secret": S3_ENV["AWS_SECRET_ACCESS_KEY"]}
-        self.proc = None
-
-    def start(self, extra_env=None) -> "S3Server":
-        import os
-        import time
-        import urllib.request
-
-        log = open(self.log_path, "a")
-        self.proc = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(self.port)],
-                                     stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
-                                     env={**os.environ, **S3_ENV, **(extra_env or {})})
-        log.close()
-        deadline = time.time() + 60
-        while True:
-            try:
-                urllib.request.urlopen(self.endpoint + "/moto-api/", timeout=1)
-                return self
-            except OSError:
-                if self.proc.poll() is not None or time.time() > deadline:
-                    self.stop()
-                    raise RuntimeError(f"moto server did not start: {read_tail(self.log_path)}")
-                time.sleep(0.1)
-
-    def stop(self) -> None:
-        if self.proc is not None:
-            kill_tree(self.proc.pid)
-            self.proc.wait()
-            self.proc = None
-
-    def fs(self):
-        import s3fs
-
-        return s3fs.S3FileSystem(skip_instance_cache=True, **self.storage_options)
-
-    def upload(self, local_dir: Path, url: str) -> list[str]:
-        """Copy every file of ``local_dir`` to ``s3://bucket/prefix`` (bucket created)."""
-        fs = self.fs()
-        bucket = url.removeprefix("s3://").split("/")[0]
-        if not fs.exists(bucket):
-            fs.mkdir(bucket)
-        uploaded = []
-        for path in sorted(Path(local_dir).iterdir()):
-            if path.is_file():
-                fs.put_file(str(path), f"{url.rstrip('/')}/{path.name}")
-                uploaded.append(f"{url.rstrip('/')}/{path.name}")
-        return uploaded
 
 
 @pytest.fixture(scope="session")

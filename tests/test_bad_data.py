@@ -8,9 +8,10 @@ import sys
 from pathlib import Path
 
 import pytest
+from conftest import REPO
 
-from conftest import REPO, free_port, read_tail
 from nrd_dist.data.writer import ShardWriter
+from nrd_dist.testing.processes import free_port, read_tail
 
 DEMO = REPO / "configs" / "fmnist_demo.yaml"
 

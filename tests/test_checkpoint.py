@@ -15,8 +15,9 @@ import time
 
 import pytest
 import torch
+from conftest import REPO, run_train
 
-from conftest import REPO, read_tail, run_train
+from nrd_dist.testing.processes import free_port, kill_tree, read_tail
 
 DEMO = REPO / "configs" / "fmnist_demo.yaml"
 
@@ -100,6 +101,7 @@ class TestResumeMatchesAnUninterruptedRun:
         assert steps == sorted(set(steps)) and steps[-1] == 20
         assert len(list((out / "checkpoints").glob("step_*"))) == 3  # checkpoint.keep
 
+    @pytest.mark.slow
     def test_changed_config_refuses_to_resume_unless_forced(self, fmnist_small, tmp_path, uninterrupted):
         out = tmp_path / "run"
         shutil.copytree(uninterrupted("ddp"), out)  # a finished two-epoch run, written to `out`
@@ -139,6 +141,7 @@ class TestResumeMatchesAnUninterruptedRun:
             assert top1 == pytest.approx(summary["val"]["fmnist_test"][which]["last_top1"], abs=1e-6)
 
 
+@pytest.mark.slow
 def test_killed_while_writing_leaves_the_previous_checkpoint(fmnist_small, tmp_path):
     """A real SIGKILL in the middle of writing the second checkpoint's shared.pt."""
     out = tmp_path / "run"
@@ -215,6 +218,7 @@ def test_checkpointer_saves_and_restores_explicit_state(tmp_path):
     assert random.random() == draws[0] and torch.equal(torch.rand(3), draws[1])
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("policy", ["stop", "skip"])
 def test_nonfinite_loss_policy(fmnist_small, tmp_path, policy):
     out = tmp_path / policy
@@ -237,6 +241,7 @@ def test_nonfinite_loss_policy(fmnist_small, tmp_path, policy):
         assert all(torch.isfinite(v).all() for v in state["student"].values() if v.is_floating_point())
 
 
+@pytest.mark.slow
 def test_export_errors(tmp_path):
     proc = subprocess.run([sys.executable, "tools/export_model.py", tmp_path, "--out", tmp_path / "x.pt"],
                           cwd=REPO, capture_output=True, text=True, timeout=60)
@@ -263,8 +268,6 @@ class TestLaunchersRecoverFromALostWorker:
         restarts, resumes from the latest checkpoint and ends bitwise where an uninterrupted
         run ends."""
         import psutil
-
-        from conftest import free_port
 
         def torchrun(port, restarts, out):
             return [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--rdzv-backend", "c10d",
@@ -302,8 +305,6 @@ class TestLaunchersRecoverFromALostWorker:
         """torchrun --nnodes 1:2: two agents form the job; one agent (and its worker) is
         killed; the survivor re-forms the job alone and finishes from the last checkpoint
         (under ZeRO from its world-size-independent copy)."""
-        from conftest import free_port, kill_tree
-
         port = free_port()
         out = tmp_path / "run"
         agents = []
@@ -347,7 +348,7 @@ ZERO_MOVES = [(1, 2, 1), (2, 2, 1), (2, 2, 3), (3, 2, 3)]  # (stage, saved by, l
 def zero_moves(tmp_path_factory):
     """The states of ZERO_MOVES, written and loaded by real torchrun launches: one launch
     per world size, each running all of its stages (a DeepSpeed start costs ~10 s here)."""
-    from conftest import ProcessGroup, free_port
+    from conftest import ProcessGroup
 
     out = tmp_path_factory.mktemp("zero_moves")
     launches = [("save", 2, sorted({stage for stage, by, _ in ZERO_MOVES if by == 2}))]
@@ -404,8 +405,6 @@ class TestZeroStateAcrossWorldSizes:
 
     @pytest.mark.slow
     def test_zero_checkpoint_without_portable_copy_names_the_world_sizes(self, fmnist_small, tmp_path, processes):
-        from conftest import free_port
-
         out = tmp_path / "run"
         zero = ["engine.backend=deepspeed", "engine.zero_stage=1", "checkpoint.zero_portable=false", "optim.epochs=1"]
         cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-addr", "127.0.0.1",

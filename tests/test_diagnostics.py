@@ -104,6 +104,7 @@ def test_auroc_is_the_pairwise_probability_with_ties():
         auroc([0.3, float("nan")], [True, False])
 
 
+@pytest.mark.slow
 def test_diagnose_table1_counts_and_auroc(diagnosed, truth, nrd_run):
     report, rows, out = diagnosed
     mislabeled = truth["given"] != truth["clean"]
@@ -150,6 +151,7 @@ def test_diagnose_table1_counts_and_auroc(diagnosed, truth, nrd_run):
 
 
 
+@pytest.mark.slow
 def test_find_mislabeled_ranks_every_sample_with_its_precision(ranked, diagnosed, truth):
     rows, summary = ranked
     assert summary["model"] == "teacher" and summary["clean_labels"] is True
@@ -191,6 +193,7 @@ def strip_clean_labels(members, shard_of, out):
     return str(out / "train-{000000..000002}.tar")
 
 
+@pytest.mark.slow
 def test_shards_without_clean_labels(nrd_run, truth, ranked, tmp_path, capsys):
     from nrd_dist.diagnostics import diagnose, find_mislabeled
 
@@ -225,6 +228,7 @@ def test_shards_without_clean_labels(nrd_run, truth, ranked, tmp_path, capsys):
     assert err.startswith("error: shard ") and "train-000000.tar" in err and "has no clean label" in err
 
 
+@pytest.mark.slow
 def test_diagnose_options(nrd_run, tmp_path):
     from nrd_dist.diagnostics import diagnose
 
@@ -251,6 +255,7 @@ def test_clear_errors_without_a_run_or_a_checkpoint(nrd_run, tmp_path, capsys):
         assert err.startswith("error: ") and "no checkpoint" in err and "Traceback" not in err
 
 
+@pytest.mark.slow
 def test_an_earlier_checkpoint_by_name_or_path(nrd_run, tmp_path, capsys):
     """--checkpoint picks one of the run's checkpoints (the 2-epoch run keeps one per epoch);
     the models differ between them, and an unknown name lists the complete ones."""

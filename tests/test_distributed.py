@@ -7,8 +7,9 @@ import json
 import sys
 
 import pytest
+from conftest import REPO
 
-from conftest import REPO, free_port, read_tail
+from nrd_dist.testing.processes import free_port, read_tail
 
 ENGINES = {
     "ddp": ["engine.backend=ddp"],
@@ -135,6 +136,7 @@ def test_deepspeed_launcher_two_nodes(fmnist_small, tmp_path, processes, monkeyp
     assert "reduce_scatter_tensor` is deprecated" not in full_logs
 
 
+@pytest.mark.slow
 def test_deepspeed_gradient_accumulation_equals_the_full_batch(tmp_path):
     import subprocess
 

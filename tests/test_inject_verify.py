@@ -346,6 +346,7 @@ def test_verify_without_a_manifest_is_an_error(tmp_path, capsys):
 # ----------------------------------------------------------------------------- remote (S3)
 
 
+@pytest.mark.slow
 def test_s3_inject_and_verify(train, tmp_path, s3_server, capsys):
     bucket = f"inject-{uuid.uuid4().hex[:12]}"
     s3_server.upload(train, f"s3://{bucket}/fmnist/train")
@@ -398,6 +399,7 @@ def test_s3_inject_and_verify(train, tmp_path, s3_server, capsys):
     assert secret not in captured.out + captured.err
 
 
+@pytest.mark.slow
 def test_s3_secrets_never_printed(tmp_path, s3_server, capsys):
     secret = s3_server.storage_options["secret"]
     options = json.dumps(s3_server.storage_options)

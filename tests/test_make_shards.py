@@ -1,6 +1,6 @@
 """Tests for tools/make_shards.py: real data, real files, the real CLI.
 
-The shards contract (DESIGN.md section 3): ``{prefix}-{000000..N}.tar``, one sample per
+The shards contract (docs/design.md section 2): ``{prefix}-{000000..N}.tar``, one sample per
 key, image as ``.jpg``/``.png``, training label ``.cls``, clean label ``.clean.cls``, and
 a ``manifest.json`` beside them (counts, classes, per-shard sha256, noise spec, realised
 noise rate and transition matrix).
@@ -297,6 +297,7 @@ def test_full_fashion_mnist_via_cli(tmp_path):
 # ----------------------------------------------------------------------------- 2. determinism
 
 
+@pytest.mark.slow
 def test_determinism_byte_identical(tmp_path):
     make_fmnist_fixture(tmp_path / "src", n_train=50, n_test=7)
     make_cifar10_fixture(tmp_path / "c10", per_batch=4)
@@ -428,6 +429,7 @@ def _wds_samples(split_dir: Path) -> list[dict]:
     return list(wds.tarfile_to_samples()(iter({"url": u} for u in urls)))
 
 
+@pytest.mark.slow
 def test_baked_noise_matches_apply_noise(tmp_path):
     fx = make_fmnist_fixture(tmp_path / "src", n_train=3000, n_test=400, seed=5)
     out = tmp_path / "out"

@@ -219,6 +219,7 @@ def test_webvision_classes_option_and_resize(tmp_path, webvision_tree):
                                   "reencoded": reencoded}
 
 
+@pytest.mark.slow
 def test_workers_give_identical_shards(tmp_path, webvision_tree):
     args = ["webvision", "--src", webvision_tree.root, "--resize-shorter", 40, "--shard-size", 6]
     run_cli(*args, "--out", tmp_path / "w1", "--workers", 1)
@@ -442,6 +443,7 @@ def test_option_errors(tmp_path, webvision_tree):
 # ----------------------------------------------------------------------------- S3
 
 
+@pytest.mark.slow
 def test_s3_output_and_rerun_skips_everything(tmp_path, webvision_tree, s3_server, monkeypatch):
     bucket = f"wv-{uuid.uuid4().hex[:12]}"
     fs = s3_server.fs()

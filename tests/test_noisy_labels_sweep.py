@@ -11,11 +11,9 @@ import types
 from collections import Counter
 
 import pytest
+from conftest import REPO, load_benchmark
 
-from conftest import REPO
-
-sys.path.insert(0, str(REPO / "benchmarks"))
-import noisy_labels as sweep  # noqa: E402
+sweep = load_benchmark("noisy_labels")
 
 
 @pytest.fixture
@@ -129,6 +127,7 @@ def test_diagnose_rerun_failure_names_the_cell_and_its_log(results, monkeypatch)
         sweep.ensure_run_folder(cell)
 
 
+@pytest.mark.slow
 def test_diagnose_runs_both_tools_on_each_finished_ce_and_nrd_cell_once(results, nrd_run, monkeypatch, tmp_path):
     """``diagnose`` end to end with the real tools on a real small NRD run standing in for the
     cell's run folder (a real cell trains for minutes): Table 1 and the ranking land in the
@@ -210,8 +209,8 @@ def test_a_rerun_uses_the_thread_count_its_cell_recorded(results, monkeypatch, r
                 f"pathlib.Path({str(seen)!r}).write_text(os.environ.get('OMP_NUM_THREADS', 'unset'))"]
 
     monkeypatch.setattr(sweep, "command", fake_command)
-    monkeypatch.setattr(sweep, "summarize_run",
-                        lambda *a: {"test_top1_last": 1.0, "noisy_val_top1_last": 1.0, "test_ece_last": 0.1, "commit": "c"})
+    summary = {"test_top1_last": 1.0, "noisy_val_top1_last": 1.0, "test_ece_last": 0.1, "commit": "c"}
+    monkeypatch.setattr(sweep, "summarize_run", lambda *a: summary)
     if shell:
         monkeypatch.setenv("OMP_NUM_THREADS", shell)
     else:

@@ -101,6 +101,7 @@ def test_no_teacher_view_for_baselines(shards):
     assert "teacher" not in batch and batch["student"].shape[0] == 10
 
 
+@pytest.mark.slow
 def test_workers_seeded_order_and_augmentations(shards):
     loader = make_loader(stream(shards, shuffle_buffer=20, seed=7), batch_size=5, workers=2)
     orders = []
@@ -116,6 +117,7 @@ def test_workers_seeded_order_and_augmentations(shards):
     assert collect(other_seed, 18)[1] != orders[0][0]
 
 
+@pytest.mark.slow
 def test_persistent_workers_give_the_same_batches_as_fresh_ones(shards):
     """Persistent workers keep their copy of the stream: the epoch must still reach them
     (shard order, shuffle) and their augmentation RNGs must be reseeded per epoch, or a
@@ -143,6 +145,7 @@ def test_persistent_workers_give_the_same_batches_as_fresh_ones(shards):
     assert not any(w.is_alive() for w in workers)  # dropping the loader stops them
 
 
+@pytest.mark.slow
 def test_uneven_shards_never_run_dry_and_top_up_deterministically(shards):
     """3 shards over 2 ranks x 2 workers: the 4th slot has no dealt shard; every rank can
     still take the same number of batches (a collective would hang otherwise)."""

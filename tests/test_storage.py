@@ -11,9 +11,11 @@ from pathlib import Path
 
 import boto3
 import pytest
-from conftest import REPO, S3Server, read_tail, run_train
+from conftest import REPO, run_train
 
 from nrd_dist.data import storage
+from nrd_dist.testing.processes import read_tail
+from nrd_dist.testing.s3_server import S3Server
 
 DEMO = REPO / "configs" / "fmnist_demo.yaml"
 
@@ -70,6 +72,7 @@ def test_training_from_s3_equals_training_from_local_disk_and_leaks_no_secret(s3
     assert "secret: '***'" in (tmp_path / "s3" / "config.yaml").read_text()
 
 
+@pytest.mark.slow
 def test_missing_key_missing_bucket_and_no_match_fail_before_training(s3_server, s3_shards, fmnist_small, tmp_path):
     cases = {
         "s3://nrd-e2e/fmnist/train/train-000099.tar": "does not exist",
@@ -85,6 +88,7 @@ def test_missing_key_missing_bucket_and_no_match_fail_before_training(s3_server,
     assert not (tmp_path / "out" / "metrics.jsonl").exists()  # nothing started
 
 
+@pytest.mark.slow
 def test_denied_access_is_a_clear_error_without_the_secret(fmnist_small, tmp_path):
     """A second server that enforces IAM after its first two requests (bucket and object
     created); our key is unknown to it, so reads are denied, as with a wrong profile."""
@@ -176,6 +180,7 @@ class Outage:
         self.connections = []
 
 
+@pytest.mark.slow
 def test_a_read_resumes_after_an_outage_and_fails_clearly_when_the_server_stays_down(tmp_path):
     """Mid-read, the network to a real S3 server goes down: back within the retry window,
     the read resumes at the byte it reached (identical data); when the server itself is

@@ -1,14 +1,11 @@
 """The sweep report's diagnostics tables (benchmarks/sweep_report.py), from report dicts
 shaped as `noisy_labels.py diagnose` writes them: a pure function, no runs needed."""
 
-import sys
-
 import pytest
+from conftest import load_benchmark
 
-from conftest import REPO
-
-sys.path.insert(0, str(REPO / "benchmarks"))
-from sweep_report import diagnosis_lines  # noqa: E402
+sweep_report = load_benchmark("sweep_report")
+diagnosis_lines = sweep_report.diagnosis_lines
 
 
 def report(cell, find_mislabeled=None):
@@ -22,7 +19,8 @@ def report(cell, find_mislabeled=None):
 
 def test_table1_and_precision_at_k_rows():
     ranked = {"model": "teacher", "mislabeled": 723, "auroc": 0.97,
-              "at_k": [{"k": "1%", "precision": 1.0}, {"k": "5%", "precision": 0.99}, {"k": "10%", "precision": 0.985, "recall": 0.2739},
+              "at_k": [{"k": "1%", "precision": 1.0}, {"k": "5%", "precision": 0.99},
+                       {"k": "10%", "precision": 0.985, "recall": 0.2739},
                        {"k": "number mislabeled", "precision": 0.8934}]}
     lines = diagnosis_lines([report("sym40-nrd-g0-s0", ranked), report("sym60-nrd-g1-s0")],
                             counted={"sym40-nrd-g0-s0", "sym60-nrd-g1-s0"})
@@ -51,7 +49,7 @@ def test_no_diagnosed_cells_no_section():
 
 
 def test_targets_are_judged_on_means_and_say_when_not_met():
-    from sweep_report import target_lines
+    target_lines = sweep_report.target_lines
     top1 = {"CE": {"sym60": [64.0, 66.0]}, "GJS": {"sym60": [76.0], "sym80": [49.5]},
             "NRD": {"sym60": [73.0, 70.0], "sym80": [18.8]}, "NRD (teacher)": {"sym60": [72.9, 70.1]}}
     ece = {"CE": {"sym40": [7.1], "sym60": [16.1], "asym40": [11.81]}, "NRD": {"sym40": [16.5], "sym60": [12.0]}}
@@ -67,7 +65,7 @@ def test_targets_are_judged_on_means_and_say_when_not_met():
 
 
 def test_memorization_drop_is_best_minus_last_per_seed():
-    from sweep_report import memorization_lines
+    memorization_lines = sweep_report.memorization_lines
     cells = [{"method": "ce", "setting": "sym60", "test_top1_best": 70.5, "test_top1_last": 64.0},
              {"method": "ce", "setting": "sym60", "test_top1_best": 71.0, "test_top1_last": 66.5},
              {"method": "nrd", "setting": "sym60", "test_top1_best": 73.5, "test_top1_last": 73.0}]
@@ -77,10 +75,11 @@ def test_memorization_drop_is_best_minus_last_per_seed():
 
 
 def test_mean_curve_over_seeds_with_a_sd_band():
-    from sweep_report import mean_curve
+    mean_curve = sweep_report.mean_curve
     mean, band = mean_curve([[[5, 60.0], [10, 70.0]], [[5, 62.0], [10, 66.0], [15, 1.0]]])
     assert mean == [(5, 61.0), (10, 68.0)]  # epoch 15 is not in every run
-    assert band[1][0] == 10 and band[1][1] == pytest.approx(68.0 - 8 ** 0.5) and band[1][2] == pytest.approx(68.0 + 8 ** 0.5)
+    assert band[1][0] == 10
+    assert band[1][1] == pytest.approx(68.0 - 8 ** 0.5) and band[1][2] == pytest.approx(68.0 + 8 ** 0.5)
     assert mean_curve([[[5, 60.0]]]) == ([(5, 60.0)], [])
 
 

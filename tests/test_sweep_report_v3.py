@@ -5,14 +5,13 @@ checked against the ones the cells were made with."""
 
 import json
 import re
-import sys
 
 import pytest
-from conftest import REPO
+from conftest import load_benchmark
 
-sys.path.insert(0, str(REPO / "benchmarks"))
-import sweep_v3  # noqa: E402
-from sweep_report import Sweep, write_v3_report  # noqa: E402
+sweep_v3 = load_benchmark("sweep_v3")
+sweep_report = load_benchmark("sweep_report")
+Sweep, write_v3_report = sweep_report.Sweep, sweep_report.write_v3_report
 
 NOISE = {"sym20": 0.2, "sym40": 0.4, "sym60": 0.6, "sym80": 0.8}
 

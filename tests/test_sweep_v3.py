@@ -4,26 +4,13 @@ selections are made, and one real (tiny) cell goes through training, diagnosis a
 ``reproduce`` with the real tools. A real cell trains for minutes; the committed cells
 in docs/results/v3/cells are those runs."""
 
-import importlib.util
 import json
 import re
-import sys
 
 import pytest
+from conftest import REPO, load_benchmark
 
-from conftest import REPO
-
-
-def _load_sweep():
-    """benchmarks/ is not a package: load the file as a module (no sys.path edits)."""
-    spec = importlib.util.spec_from_file_location("sweep_v3", REPO / "benchmarks" / "sweep_v3.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up there
-    spec.loader.exec_module(module)
-    return module
-
-
-sweep = _load_sweep()
+sweep = load_benchmark("sweep_v3")  # benchmarks/sweep_v3.py, loaded by path
 PROTOCOL = REPO / "docs" / "results" / "v3" / "PROTOCOL.md"
 
 
@@ -48,8 +35,8 @@ def test_every_grid_has_three_points_the_paper_value_first():
                 continue
             first = points[0]
             paper = sweep.TABLE5[method][setting]
-            value = {"gce": lambda: first["loss.q"], "sce": lambda: (first["loss.alpha"], first["loss.beta"]),
-                     "gjs": lambda: first["loss.pi"][0], "nrd": lambda: first["loss.pi"][1]}[method]()
+            value = {"gce": lambda p: p["loss.q"], "sce": lambda p: (p["loss.alpha"], p["loss.beta"]),
+                     "gjs": lambda p: p["loss.pi"][0], "nrd": lambda p: p["loss.pi"][1]}[method](first)
             assert value == paper, (setting, method)
             if method in ("gjs", "nrd"):
                 for p in points:

@@ -6,11 +6,12 @@ import math
 import pytest
 import torch
 import yaml
-
 from conftest import REPO, run_train
+
 from nrd_dist.config import OptimConfig, load_config
 from nrd_dist.metrics import ClassificationMeter
 from nrd_dist.schedule import lr_multiplier
+from nrd_dist.testing.processes import free_port
 
 DEMO = REPO / "configs" / "fmnist_demo.yaml"
 
@@ -75,6 +76,7 @@ def test_baseline_runs_without_teacher(fmnist_small, tmp_path):
     assert set(summary["label_correction"]) == {"student", "counts"}
 
 
+@pytest.mark.slow
 def test_train_step_skips_the_teacher_for_baselines_and_uses_views_for_gjs(fmnist_small, tmp_path):
     from nrd_dist.engines import LocalEngine as Engine
     from nrd_dist.train import Trainer, plan_data
@@ -160,8 +162,10 @@ def test_compiled_nrd_step_matches_the_eager_step(fmnist_small, tmp_path):
     ("optim.lrr=0.1", "optim.lrr: unknown key (did you mean 'lr'?)"),
     ("loss.pi=[0.5, 0.6, 0.1]", "loss.pi: weights must be non-negative and sum to 1"),
     ("data.noise.rate=2", "data.noise.rate: noise rate must lie in [0, 1]"),
-    ("data.train=/nonexistent/train-{000000..000003}.tar", "data.train: shard '/nonexistent/train-000000.tar' does not exist"),
-    ("data.val.fmnist_test=/nonexistent/test-*.tar", "data.val.fmnist_test: no shard matches '/nonexistent/test-*.tar'"),
+    ("data.train=/nonexistent/train-{000000..000003}.tar",
+     "data.train: shard '/nonexistent/train-000000.tar' does not exist"),
+    ("data.val.fmnist_test=/nonexistent/test-*.tar",
+     "data.val.fmnist_test: no shard matches '/nonexistent/test-*.tar'"),
 ])
 def test_config_errors_stop_before_training(fmnist_small, tmp_path, capsys, override, message):
     from nrd_dist.train import main
@@ -243,6 +247,7 @@ def test_shipped_configs_have_valid_keys():
         assert cfg.loss.name
 
 
+@pytest.mark.slow
 def test_engine_settings_this_machine_cannot_run_fail_early(fmnist_small, tmp_path):
     out = tmp_path / "never"
     proc = run_train([DEMO, f"data.train={fmnist_small['train']}", f"data.val.fmnist_test={fmnist_small['test']}",
@@ -256,7 +261,6 @@ def test_ddp_engine_settings(monkeypatch):
     model is channels_last on CPU (a real gloo process group of one, in this process)."""
     import torch.distributed as dist
 
-    from conftest import free_port
     from nrd_dist.engines import DDPEngine
     from nrd_dist.models import build_model
 
