@@ -28,7 +28,6 @@ from nrd_dist.data.augment import TrainViews, build_policy
 from nrd_dist.data.shards import ShardStream, make_loader
 
 
-
 def timed(loader, samples: int, batch_size: int) -> float:
     """samples/s over ``samples`` samples, after one warm-up batch (worker start-up)."""
     batches = iter(loader)

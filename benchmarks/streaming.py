@@ -18,7 +18,6 @@ import time
 from pathlib import Path
 
 from common import DEMO_TRAIN_SHARDS, local_shards  # benchmarks/common.py: run as a script, its folder is on sys.path
-
 from nrd_dist.data.shards import ShardStream, make_loader
 from nrd_dist.testing.s3_server import S3Server  # the tests' S3 server, shared with tests/conftest.py
 

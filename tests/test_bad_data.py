@@ -8,8 +8,8 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import REPO
 
+from conftest import REPO
 from nrd_dist.data.writer import ShardWriter
 from nrd_dist.testing.processes import free_port, read_tail
 

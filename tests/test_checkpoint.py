@@ -15,8 +15,8 @@ import time
 
 import pytest
 import torch
-from conftest import REPO, run_train
 
+from conftest import REPO, run_train
 from nrd_dist.testing.processes import free_port, kill_tree, read_tail
 
 DEMO = REPO / "configs" / "fmnist_demo.yaml"

@@ -15,9 +15,9 @@ from fractions import Fraction
 import numpy as np
 import pytest
 import torch
-from conftest import REPO
 from PIL import Image
 
+from conftest import REPO
 from nrd_dist.config import load_config, to_dict
 from nrd_dist.data.noise import apply_noise
 from nrd_dist.data.shards import expand_urls

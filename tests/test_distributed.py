@@ -7,8 +7,8 @@ import json
 import sys
 
 import pytest
-from conftest import REPO
 
+from conftest import REPO
 from nrd_dist.testing.processes import free_port, read_tail
 
 ENGINES = {

@@ -24,8 +24,7 @@ from PIL import Image
 
 from nrd_dist.tools import make_shards as tool
 from nrd_dist.tools.location import Location
-from webvision_fixture import (copy_as_folders, make_imagenet_val, make_webvision_tree, truncate,
-                               write_filelist)
+from webvision_fixture import copy_as_folders, make_imagenet_val, make_webvision_tree, truncate, write_filelist
 
 REPO = Path(__file__).resolve().parents[1]
 TOOL = REPO / "tools" / "make_shards.py"
@@ -154,7 +153,7 @@ def test_webvision_mini_default_50_classes(tmp_path, webvision_tree):
         assert manifest["skipped"] == {"count": 0, "samples": []}
         assert manifest["images"]["resized"] == 0
         assert manifest["images"]["reencoded"] == (1 if split == "train" else 0)
-        assert manifest["class_counts"] == np.bincount([l for _, l in kept], minlength=50).tolist()
+        assert manifest["class_counts"] == np.bincount([label for _, label in kept], minlength=50).tolist()
         assert len(manifest["shards"]) == -(-len(kept) // 5)
         assert summary[split]["num_samples"] == len(kept)
         # Every sample: key in file-list order, label, path, image bytes unchanged.
@@ -194,7 +193,7 @@ def test_webvision_classes_option_and_resize(tmp_path, webvision_tree):
     assert manifest["excluded_other_classes"] == len(tree.train) - len(kept)
     assert [int(f["cls"]) for _, f in samples] == [label for _, label in kept]
     resized = reencoded = 0
-    for (key, fields), (path, _) in zip(samples, kept):
+    for (_, fields), (path, _) in zip(samples, kept):
         source = decode((tree.root / path).read_bytes())
         width, height = source.size
         ext, data = image_of(fields)
@@ -275,7 +274,7 @@ def test_imagenet_val_bad_data(tmp_path, webvision_tree):
     truth.write_text("\n".join(lines) + "\n")
     (flat.root / "ILSVRC2012_val_00000002.JPEG").unlink()
     args = ["imagenet-val", "--src", flat.root, "--webvision-info", info]
-    err = fails(*args, "--out", tmp_path / "out", needles=["ILSVRC2012_val_00000003.JPEG", "1001",
+    fails(*args, "--out", tmp_path / "out", needles=["ILSVRC2012_val_00000003.JPEG", "1001",
                                                            "ILSVRC2012_val_00000002.JPEG", "missing file",
                                                            "--skip-bad"])
     assert not (tmp_path / "out").exists()
@@ -379,7 +378,7 @@ def test_corrupt_image_stops_then_skip_bad_resumes(tmp_path):
     (entry,) = manifest["skipped"]["samples"]
     assert entry["path"] == bad_path and entry["key"] == "train_000007" and "truncated" in entry["reason"]
     assert [k for k, _ in samples] == [f"train_{i:06d}" for i in range(14) if i != 7]  # no renumbering
-    assert [int(f["cls"]) for _, f in samples] == [l for i, l in enumerate(labels) if i != 7]
+    assert [int(f["cls"]) for _, f in samples] == [label for i, label in enumerate(labels) if i != 7]
 
     # A rerun without --skip-bad of an output holding skipped samples: the error lists them.
     fails(*args, "--out", out, needles=[bad_path, "--skip-bad"])

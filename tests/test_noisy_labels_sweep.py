@@ -11,6 +11,7 @@ import types
 from collections import Counter
 
 import pytest
+
 from conftest import REPO, load_benchmark
 
 sweep = load_benchmark("noisy_labels")

@@ -11,9 +11,9 @@ import tarfile
 import numpy as np
 import pytest
 import torch
-from conftest import REPO
 from PIL import Image
 
+from conftest import REPO
 from nrd_dist.data.augment import TrainViews, build_policy
 from nrd_dist.data.noise import apply_noise
 from nrd_dist.data.shards import (

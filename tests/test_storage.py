@@ -11,8 +11,8 @@ from pathlib import Path
 
 import boto3
 import pytest
-from conftest import REPO, run_train
 
+from conftest import REPO, run_train
 from nrd_dist.data import storage
 from nrd_dist.testing.processes import read_tail
 from nrd_dist.testing.s3_server import S3Server

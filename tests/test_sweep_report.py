@@ -2,6 +2,7 @@
 shaped as `noisy_labels.py diagnose` writes them: a pure function, no runs needed."""
 
 import pytest
+
 from conftest import load_benchmark
 
 sweep_report = load_benchmark("sweep_report")

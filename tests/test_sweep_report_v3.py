@@ -7,6 +7,7 @@ import json
 import re
 
 import pytest
+
 from conftest import load_benchmark
 
 sweep_v3 = load_benchmark("sweep_v3")

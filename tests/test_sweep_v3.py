@@ -8,6 +8,7 @@ import json
 import re
 
 import pytest
+
 from conftest import REPO, load_benchmark
 
 sweep = load_benchmark("sweep_v3")  # benchmarks/sweep_v3.py, loaded by path

@@ -6,8 +6,8 @@ import pytest
 import torch
 from torch import nn
 
-from nrd_dist.models import build_model
 from nrd_dist.config import ConfigError, load_config
+from nrd_dist.models import build_model
 from nrd_dist.teacher import EMATeacher, ramped_decay
 
 

@@ -6,8 +6,8 @@ import math
 import pytest
 import torch
 import yaml
-from conftest import REPO, run_train
 
+from conftest import REPO, run_train
 from nrd_dist.config import OptimConfig, load_config
 from nrd_dist.metrics import ClassificationMeter
 from nrd_dist.schedule import lr_multiplier

@@ -41,7 +41,6 @@ from nrd_dist.tools.cli import add_noise_arguments, add_storage_argument, noise_
 from nrd_dist.tools.location import Location, open_location, same_location
 from nrd_dist.tools.shard_reading import HashingReader, iter_samples, read_manifest_at
 
-
 # ----------------------------------------------------------------------------- one shard
 
 

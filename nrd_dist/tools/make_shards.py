@@ -104,14 +104,22 @@ from tqdm import tqdm
 from nrd_dist.data import storage
 from nrd_dist.data.noise import apply_noise, noise_report
 from nrd_dist.data.writer import MANIFEST_NAME, ShardWriter
-from nrd_dist.tools.cli import (add_noise_arguments, add_storage_argument, noise_spec_from_args,
-                                parse_storage_options)
+from nrd_dist.tools.cli import add_noise_arguments, add_storage_argument, noise_spec_from_args, parse_storage_options
 from nrd_dist.tools.images import Decoder
 from nrd_dist.tools.location import open_location
 from nrd_dist.tools.shard_output import SplitOutput
-from nrd_dist.tools.sources import (CLASS_SELECTING, DATASETS, DEFAULT_WEBVISION_CLASSES, FASHION_MNIST_DIR,
-                                    PROGRESS_FORMAT, BadDataError, BadSample, Options, Source, SourceError)
-
+from nrd_dist.tools.sources import (
+    CLASS_SELECTING,
+    DATASETS,
+    DEFAULT_WEBVISION_CLASSES,
+    FASHION_MNIST_DIR,
+    PROGRESS_FORMAT,
+    BadDataError,
+    BadSample,
+    Options,
+    Source,
+    SourceError,
+)
 
 # ----------------------------------------------------------------------------- writing
 

@@ -20,7 +20,8 @@ def _with_map_order(request: dict[str, Any]) -> dict[str, Any]:
     requests that differ only there must not resume each other's outputs). Every other
     request hashes as before, so existing outputs keep their fingerprints."""
     noise = request.get("noise")
-    if not (isinstance(noise, dict) and noise.get("type") == "asymmetric_sequential" and isinstance(noise.get("map"), dict)):
+    sequential = isinstance(noise, dict) and noise.get("type") == "asymmetric_sequential"
+    if not (sequential and isinstance(noise.get("map"), dict)):
         return request
     return {**request, "noise_map_order": [[str(k), str(v)] for k, v in noise["map"].items()]}
 

@@ -40,7 +40,6 @@ from nrd_dist.tools.cli import add_storage_argument, run_cli
 from nrd_dist.tools.location import Location, open_location, storage_failure
 from nrd_dist.tools.shard_reading import HashingReader, iter_samples, read_manifest_at
 
-
 # ----------------------------------------------------------------------------- checks
 
 

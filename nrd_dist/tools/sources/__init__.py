@@ -10,8 +10,7 @@ from pathlib import Path
 from typing import Callable, Optional
 
 from nrd_dist.tools.sources.arrays import FASHION_MNIST_DIR, cifar10, cifar100, fashion_mnist
-from nrd_dist.tools.sources.base import (PROGRESS_FORMAT, BadDataError, BadSample, Options, Source,
-                                         SourceError)
+from nrd_dist.tools.sources.base import PROGRESS_FORMAT, BadDataError, BadSample, Options, Source, SourceError
 from nrd_dist.tools.sources.files import folder
 from nrd_dist.tools.sources.imagenet import imagenet_val
 from nrd_dist.tools.sources.webvision import DEFAULT_WEBVISION_CLASSES, webvision

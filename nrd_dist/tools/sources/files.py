@@ -11,8 +11,7 @@ from typing import Any
 
 import numpy as np
 
-from nrd_dist.tools.sources.base import (PROGRESS_FORMAT, BadSample, Options, Source, SourceError,
-                                         split_keys)
+from nrd_dist.tools.sources.base import PROGRESS_FORMAT, BadSample, Options, Source, SourceError, split_keys
 
 FOLDER_EXTENSIONS = {".jpg": "jpg", ".jpeg": "jpg", ".png": "png", ".webp": "webp"}
 
