@@ -60,28 +60,41 @@ def main() -> int:
     shards = local_shards(args.shards)
     policy = build_policy("fmnist")
     views = TrainViews(policy, with_teacher=True)
-    rates: dict[str, list[float]] = {"shards_student_teacher": [], "imagefolder_student_teacher": [],
-                                     "shards_decode_only": []}
+    rates: dict[str, list[float]] = {
+        "shards_student_teacher": [],
+        "imagefolder_student_teacher": [],
+        "shards_decode_only": [],
+    }
     with tempfile.TemporaryDirectory() as tmp:
         count = as_image_folder(shards[0], Path(tmp), args.samples + 2 * args.batch_size)
-        folder = datasets.ImageFolder(tmp, transform=transforms.Compose([
-            transforms.PILToTensor(), views]))  # the same uint8 [C, H, W] input as the shards'
+        folder = datasets.ImageFolder(
+            tmp, transform=transforms.Compose([transforms.PILToTensor(), views])
+        )  # the same uint8 [C, H, W] input as the shards'
         for _ in range(args.repeats):
             for name in rates:
                 if name == "imagefolder_student_teacher":
-                    loader = DataLoader(folder, batch_size=args.batch_size, shuffle=True, num_workers=args.workers,
-                                        prefetch_factor=4 if args.workers else None, drop_last=True)
+                    loader = DataLoader(
+                        folder,
+                        batch_size=args.batch_size,
+                        shuffle=True,
+                        num_workers=args.workers,
+                        prefetch_factor=4 if args.workers else None,
+                        drop_last=True,
+                    )
                 else:
                     transform = views if name == "shards_student_teacher" else (lambda image: (image, None))
-                    stream = ShardStream([shards[0]], transform, num_classes=10, channels=1, train=True,
-                                         shuffle_buffer=1000)
+                    stream = ShardStream(
+                        [shards[0]], transform, num_classes=10, channels=1, train=True, shuffle_buffer=1000
+                    )
                     loader = make_loader(stream, args.batch_size, args.workers)
                 rates[name].append(timed(loader, args.samples, args.batch_size))
     best = {name: max(values) for name, values in rates.items()}
     per_worker = max(args.workers, 1)
     report = {
         "images": f"Fashion-MNIST 28x28 PNG ({count} written as files for ImageFolder)",
-        "workers": args.workers, "batch_size": args.batch_size, "samples_timed": args.samples,
+        "workers": args.workers,
+        "batch_size": args.batch_size,
+        "samples_timed": args.samples,
         **{f"{name}_per_worker": round(rate / per_worker) for name, rate in best.items()},
         "shards_over_imagefolder": round(best["shards_student_teacher"] / best["imagefolder_student_teacher"], 3),
         "views_over_decode_only": round(best["shards_student_teacher"] / best["shards_decode_only"], 3),

@@ -79,10 +79,19 @@ TRAIN = f"{SHARDS}/train/train-000000.tar"  # the first 2,000 training images
 NOISY_VAL = f"{SHARDS}/train/train-000029.tar"  # the last 2,000 training images, noisy labels
 TEST = f"{SHARDS}/test/test-{{000000..000004}}.tar"  # all 10,000 clean test images
 EPOCHS = 100
-COMMON = [f"data.train={TRAIN}", f"data.val.fmnist_test={TEST}", f"data.val.noisy_val={NOISY_VAL}",
-          "eval.noisy_val=[noisy_val]", "eval.every_epochs=5", f"optim.epochs={EPOCHS}",
-          "eval.label_correction_samples=1000",
-          "checkpoint.every_steps=0", "checkpoint.keep=1", "log.every_steps=1000", "data.workers=1"]
+COMMON = [
+    f"data.train={TRAIN}",
+    f"data.val.fmnist_test={TEST}",
+    f"data.val.noisy_val={NOISY_VAL}",
+    "eval.noisy_val=[noisy_val]",
+    "eval.every_epochs=5",
+    f"optim.epochs={EPOCHS}",
+    "eval.label_correction_samples=1000",
+    "checkpoint.every_steps=0",
+    "checkpoint.keep=1",
+    "log.every_steps=1000",
+    "data.workers=1",
+]
 
 SETTINGS: dict[str, dict[str, Any]] = {
     "sym20": {"type": "symmetric", "rate": 0.2},
@@ -153,15 +162,28 @@ def cell_name(setting: str, method: str, grid_index: int, seed: int) -> str:
 def overrides(setting: str, method: str, grid_index: int, seed: int) -> list[str]:
     noise = SETTINGS[setting]
     noise_yaml = "{" + ", ".join(f"{k}: {v}" for k, v in {**noise, "seed": seed}.items()) + "}"
-    hp = [f"{k}={json.dumps(v) if isinstance(v, list) else str(v).lower() if isinstance(v, bool) else v}"
-          for k, v in GRIDS[method][grid_index].items()]
-    return [*COMMON, f"loss.name={method}", f"data.noise={noise_yaml}", f"run.seed={seed}",
-            f"run.output_dir={RUNS / cell_name(setting, method, grid_index, seed)}", *hp]
+    hp = [
+        f"{k}={json.dumps(v) if isinstance(v, list) else str(v).lower() if isinstance(v, bool) else v}"
+        for k, v in GRIDS[method][grid_index].items()
+    ]
+    return [
+        *COMMON,
+        f"loss.name={method}",
+        f"data.noise={noise_yaml}",
+        f"run.seed={seed}",
+        f"run.output_dir={RUNS / cell_name(setting, method, grid_index, seed)}",
+        *hp,
+    ]
 
 
 def command(setting: str, method: str, grid_index: int, seed: int) -> list[str]:
-    return [sys.executable, "-m", "nrd_dist.train", "configs/fmnist_demo.yaml",
-            *overrides(setting, method, grid_index, seed)]
+    return [
+        sys.executable,
+        "-m",
+        "nrd_dist.train",
+        "configs/fmnist_demo.yaml",
+        *overrides(setting, method, grid_index, seed),
+    ]
 
 
 def result_path(name: str) -> Path:
@@ -208,6 +230,7 @@ def plan() -> list[tuple[str, str, int, int]]:
 
 def source_commit() -> str:
     """The commit of the code that ran (``+dirty`` when tracked files differ from it)."""
+
     def git(*args: str) -> str:
         return subprocess.run(["git", *args], cwd=REPO, capture_output=True, text=True).stdout.strip()
 
@@ -229,10 +252,18 @@ def summarize_run(name: str, cell: tuple[str, str, int, int], cmd: list[str], wa
     last = evals[-1]["eval"]
     setting, method, grid_index, seed = cell
     out = {
-        "cell": name, "setting": setting, "noise": SETTINGS[setting], "method": method, "seed": seed,
-        "grid_index": grid_index, "hyperparameters": GRIDS[method][grid_index],
+        "cell": name,
+        "setting": setting,
+        "noise": SETTINGS[setting],
+        "method": method,
+        "seed": seed,
+        "grid_index": grid_index,
+        "hyperparameters": GRIDS[method][grid_index],
         "command": " ".join(str(c) for c in cmd[1:]).replace(str(REPO) + "/", ""),
-        "commit": source_commit(), "epochs": EPOCHS, "train_images": TRAIN_IMAGES, "wall_time_s": round(wall_s, 1),
+        "commit": source_commit(),
+        "epochs": EPOCHS,
+        "train_images": TRAIN_IMAGES,
+        "wall_time_s": round(wall_s, 1),
         "test_top1_last": last["fmnist_test"]["student"]["top1"],
         "test_top1_best": max(p[1] for p in curves["fmnist_test/student"]),
         "test_ece_last": last["fmnist_test"]["student"]["ece"],
@@ -275,22 +306,39 @@ def run_cell(cell: tuple[str, str, int, int], commit: bool) -> dict:
     if os.environ.get("OMP_NUM_THREADS"):  # what a retraining for `diagnose` must use again
         result["omp_num_threads"] = int(os.environ["OMP_NUM_THREADS"])
     write_atomic(result_path(name), json.dumps(result, indent=1) + "\n")
-    print(f"[sweep] {name}: test top-1 {result['test_top1_last']:.2f} (noisy val {result['noisy_val_top1_last']:.2f}) "
-          f"in {result['wall_time_s']:.0f} s", flush=True)
+    print(
+        f"[sweep] {name}: test top-1 {result['test_top1_last']:.2f} (noisy val {result['noisy_val_top1_last']:.2f}) "
+        f"in {result['wall_time_s']:.0f} s",
+        flush=True,
+    )
     if commit:
         subprocess.run(["git", "add", str(result_path(name))], cwd=REPO, check=True)
-        subprocess.run(["git", "commit", "-q", "-m", f"sweep result: {name}", "--", str(result_path(name))],
-                       cwd=REPO, check=True)
+        subprocess.run(
+            ["git", "commit", "-q", "-m", f"sweep result: {name}", "--", str(result_path(name))], cwd=REPO, check=True
+        )
     return result
 
 
 def cmd_run(args) -> int:
     if not (REPO / TRAIN).exists():
-        subprocess.run([sys.executable, "tools/make_shards.py", "fashion-mnist", "--out", SHARDS,
-                        "--shard-size", "2000", "--quiet"], cwd=REPO, check=True)
+        subprocess.run(
+            [
+                sys.executable,
+                "tools/make_shards.py",
+                "fashion-mnist",
+                "--out",
+                SHARDS,
+                "--shard-size",
+                "2000",
+                "--quiet",
+            ],
+            cwd=REPO,
+            check=True,
+        )
     while True:
-        pending = [c for c in plan() if load_result(cell_name(*c)) is None
-                   and cell_name(*c).startswith(args.only or "")]
+        pending = [
+            c for c in plan() if load_result(cell_name(*c)) is None and cell_name(*c).startswith(args.only or "")
+        ]
         if not pending:
             break
         run_cell(pending[0], args.commit)
@@ -321,9 +369,11 @@ def diagnosis_cells(only: str = "") -> list[tuple[str, str, int, int]]:
     picked = []
     for finished in chosen.values():
         finished.sort(key=lambda c: c[3])
-        pick = (next((c for c in finished if (DIAGNOSED / f"{cell_name(*c)}.json").exists()), None)
-                or next((c for c in finished if has_run_folder(cell_name(*c))), None)
-                or (finished[0] if finished[0][3] == 0 else None))
+        pick = (
+            next((c for c in finished if (DIAGNOSED / f"{cell_name(*c)}.json").exists()), None)
+            or next((c for c in finished if has_run_folder(cell_name(*c))), None)
+            or (finished[0] if finished[0][3] == 0 else None)
+        )
         if pick is not None and cell_name(*pick).startswith(only):
             picked.append(pick)
     return picked
@@ -352,8 +402,14 @@ def cmd_diagnose(args) -> int:
             subprocess.run(cmd, cwd=REPO, check=True, stdout=subprocess.DEVNULL)
             report = json.loads((out / "diagnose.json").read_text())
             DIAGNOSED.mkdir(parents=True, exist_ok=True)
-            write_atomic(target, json.dumps({"cell": name, "command": relative_command(cmd),
-                                             "checkpoint_run": checkpoint_run, **report}, indent=1) + "\n")
+            write_atomic(
+                target,
+                json.dumps(
+                    {"cell": name, "command": relative_command(cmd), "checkpoint_run": checkpoint_run, **report},
+                    indent=1,
+                )
+                + "\n",
+            )
             for png in out.glob("log_likelihood_*.png"):
                 if setting in ("sym40", "sym60"):
                     (DIAGNOSED / f"{name}-{png.name}").write_bytes(png.read_bytes())
@@ -393,10 +449,17 @@ def ensure_run_folder(cell: tuple[str, str, int, int]) -> dict:
     keys = ("test_top1_last", "noisy_val_top1_last", "test_ece_last")
     same = all(rerun[k] == committed[k] for k in keys)
     if not same:
-        print(f"[sweep] WARNING: the rerun of {name} differs from its committed result: "
-              + ", ".join(f"{k} {rerun[k]} vs {committed[k]}" for k in keys), flush=True)
-    return {"rerun": True, "commit": rerun["commit"], "reproduces_committed_result": same,
-            **{f"rerun_{k}": rerun[k] for k in keys}}
+        print(
+            f"[sweep] WARNING: the rerun of {name} differs from its committed result: "
+            + ", ".join(f"{k} {rerun[k]} vs {committed[k]}" for k in keys),
+            flush=True,
+        )
+    return {
+        "rerun": True,
+        "commit": rerun["commit"],
+        "reproduces_committed_result": same,
+        **{f"rerun_{k}": rerun[k] for k in keys},
+    }
 
 
 def relative_command(cmd: list[str]) -> str:
@@ -428,8 +491,18 @@ def cmd_table(args) -> int:
     results = [json.loads(p.read_text()) for p in sorted(CELLS.glob("*.json"))]
     diagnosed = [json.loads(p.read_text()) for p in sorted(DIAGNOSED.glob("*.json"))]
     selected = {m: selected_grid_index(m) for m in GRIDS}
-    path = write_report(results, selected, RESULTS, settings=list(SETTINGS), methods=list(GRIDS), labels=LABELS,
-                        protocol=__doc__, diagnosed=diagnosed, status=status(), reading=READING)
+    path = write_report(
+        results,
+        selected,
+        RESULTS,
+        settings=list(SETTINGS),
+        methods=list(GRIDS),
+        labels=LABELS,
+        protocol=__doc__,
+        diagnosed=diagnosed,
+        status=status(),
+        reading=READING,
+    )
     print(f"wrote {path}")
     return 0
 
@@ -442,8 +515,9 @@ def main(argv: Optional[list[str]] = None) -> int:
     run.add_argument("--commit", action="store_true", help="git-commit each result file as it is written")
     sub.add_parser("list", help="cells and their state")
     sub.add_parser("table", help="write docs/results/v2/README.md and the plots from the finished cells")
-    diagnose = sub.add_parser("diagnose", help="tools/diagnose.py and tools/find_mislabeled.py on one finished seed "
-                                               "of each CE and NRD cell")
+    diagnose = sub.add_parser(
+        "diagnose", help="tools/diagnose.py and tools/find_mislabeled.py on one finished seed of each CE and NRD cell"
+    )
     diagnose.add_argument("--only", help="only cells whose name starts with this (e.g. sym60-nrd)")
     args = parser.parse_args(argv)
     return {"run": cmd_run, "list": cmd_list, "table": cmd_table, "diagnose": cmd_diagnose}[args.what](args)

@@ -37,8 +37,15 @@ def synchronize(device: torch.device) -> None:
 
 class Bench:
     def __init__(self, args):
-        cfg = load_config(None, [f"model.arch={args.arch}", f"data.batch_size={args.batch_size}",
-                                 f"engine.precision={args.precision}", f"data.num_classes={args.num_classes}"])
+        cfg = load_config(
+            None,
+            [
+                f"model.arch={args.arch}",
+                f"data.batch_size={args.batch_size}",
+                f"engine.precision={args.precision}",
+                f"data.num_classes={args.num_classes}",
+            ],
+        )
         self.engine = engine = build_engine(cfg)
         torch.manual_seed(0)
         model = engine.prepare_module(build_model(args.arch, args.num_classes, args.channels))
@@ -93,8 +100,11 @@ def main() -> int:
     parser.add_argument("--blocks", type=int, default=5, help="alternating CE / NRD blocks")
     parser.add_argument("--steps", type=int, default=10, help="steps per block")
     parser.add_argument("--warmup", type=int, default=3)
-    parser.add_argument("--compile", action="store_true", help="torch.compile student, teacher and losses "
-                        "(the warm-up steps pay the compilation)")
+    parser.add_argument(
+        "--compile",
+        action="store_true",
+        help="torch.compile student, teacher and losses (the warm-up steps pay the compilation)",
+    )
     args = parser.parse_args()
     if args.channels is None:
         args.channels = 1 if args.image_size == 28 else 3
@@ -110,14 +120,22 @@ def main() -> int:
     ce_s, nrd_s, ema_s = (statistics.median(v) for v in (ce, nrd, ema))
     device = bench.engine.device
     report = {
-        "arch": args.arch, "image_size": args.image_size, "batch_size": args.batch_size,
+        "arch": args.arch,
+        "image_size": args.image_size,
+        "batch_size": args.batch_size,
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu",
-        "precision": bench.engine.precision, "channels_last": bench.engine.channels_last, "compiled": args.compile,
-        "torch": torch.__version__, "threads": torch.get_num_threads(),
-        "ce_step_ms": round(1000 * ce_s, 3), "nrd_step_ms": round(1000 * nrd_s, 3),
-        "nrd_over_ce": round(nrd_s / ce_s, 3), "ema_update_ms": round(1000 * ema_s, 3),
+        "precision": bench.engine.precision,
+        "channels_last": bench.engine.channels_last,
+        "compiled": args.compile,
+        "torch": torch.__version__,
+        "threads": torch.get_num_threads(),
+        "ce_step_ms": round(1000 * ce_s, 3),
+        "nrd_step_ms": round(1000 * nrd_s, 3),
+        "nrd_over_ce": round(nrd_s / ce_s, 3),
+        "ema_update_ms": round(1000 * ema_s, 3),
         "ema_over_ce_step": round(ema_s / ce_s, 4),
-        "ce_images_per_s": round(args.batch_size / ce_s, 1), "nrd_images_per_s": round(args.batch_size / nrd_s, 1),
+        "ce_images_per_s": round(args.batch_size / ce_s, 1),
+        "nrd_images_per_s": round(args.batch_size / nrd_s, 1),
     }
     print(json.dumps(report))
     return 0

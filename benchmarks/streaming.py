@@ -23,8 +23,7 @@ from nrd_dist.testing.s3_server import S3Server  # the tests' S3 server, shared 
 
 
 def samples_per_s(urls: list[str], workers: int, options: dict, batch_size: int = 256) -> tuple[float, int]:
-    stream = ShardStream(urls, lambda image: image, num_classes=1000, channels=1, train=False,
-                         storage_options=options)
+    stream = ShardStream(urls, lambda image: image, num_classes=1000, channels=1, train=False, storage_options=options)
     loader = make_loader(stream, batch_size, workers, drop_last=False)
     started = time.perf_counter()
     count = sum(len(batch["label"]) for batch in loader)
@@ -47,11 +46,17 @@ def main() -> int:
                 rate, count = samples_per_s(urls, args.workers, server.storage_options)
                 results[name].append(rate)
         best = {name: max(rates) for name, rates in results.items()}
-        report = {"shards": str(args.shards), "num_shards": len(local), "samples": count,
-                  "bytes": sum(Path(p).stat().st_size for p in local), "workers": args.workers,
-                  "local_samples_per_s": round(best["local"]), "s3_samples_per_s": round(best["s3"]),
-                  "s3_over_local": round(best["s3"] / best["local"], 3),
-                  "all_runs": {k: [round(r) for r in v] for k, v in results.items()}}
+        report = {
+            "shards": str(args.shards),
+            "num_shards": len(local),
+            "samples": count,
+            "bytes": sum(Path(p).stat().st_size for p in local),
+            "workers": args.workers,
+            "local_samples_per_s": round(best["local"]),
+            "s3_samples_per_s": round(best["s3"]),
+            "s3_over_local": round(best["s3"] / best["local"], 3),
+            "all_runs": {k: [round(r) for r in v] for k, v in results.items()},
+        }
         print(json.dumps(report, indent=2))
     finally:
         server.stop()

@@ -60,10 +60,21 @@ DIAGNOSE_VIEWS = 10
 ENSEMBLE = "augmix_ensemble"  # diagnose's name for the K-view mean
 PRECISION_AT = 0.10  # precision of the top 10% of the mislabeled ranking
 
-COMMON = [f"data.train={TRAIN}", f"data.val.fmnist_test={TEST}", f"data.val.noisy_val={NOISY_VAL}",
-          "eval.noisy_val=[noisy_val]", "eval.every_epochs=5", f"data.batch_size={BATCH}", f"optim.lr={LR}",
-          f"teacher.decay={TEACHER_DECAY}", "eval.label_correction_samples=0",
-          "checkpoint.every_steps=0", "checkpoint.keep=1", "log.every_steps=1000", "data.workers=1"]
+COMMON = [
+    f"data.train={TRAIN}",
+    f"data.val.fmnist_test={TEST}",
+    f"data.val.noisy_val={NOISY_VAL}",
+    "eval.noisy_val=[noisy_val]",
+    "eval.every_epochs=5",
+    f"data.batch_size={BATCH}",
+    f"optim.lr={LR}",
+    f"teacher.decay={TEACHER_DECAY}",
+    "eval.label_correction_samples=0",
+    "checkpoint.every_steps=0",
+    "checkpoint.keep=1",
+    "log.every_steps=1000",
+    "data.workers=1",
+]
 
 SETTINGS: dict[str, dict[str, Any]] = {
     "sym20": {"type": "symmetric", "rate": 0.2},
@@ -83,8 +94,13 @@ LONG = {"setting": "sym60", "methods": ("ce", "gjs", "nrd"), "seed": 0}
 # classes): the value each grid must contain, listed first so that a tie picks it.
 TABLE5 = {
     "gce": {"sym20": 0.7, "sym40": 0.7, "sym60": 0.7, "sym80": 0.9, "asym40": 0.1},  # q
-    "sce": {"sym20": (0.05, 0.1), "sym40": (0.1, 0.1), "sym60": (0.2, 1.0), "sym80": (0.1, 1.0),
-            "asym40": (0.2, 1.0)},  # alpha, beta
+    "sce": {
+        "sym20": (0.05, 0.1),
+        "sym40": (0.1, 0.1),
+        "sym60": (0.2, 1.0),
+        "sym80": (0.1, 1.0),
+        "asym40": (0.2, 1.0),
+    },  # alpha, beta
     "gjs": {"sym20": 0.3, "sym40": 0.9, "sym60": 0.1, "sym80": 0.1, "asym40": 0.3},  # pi1
     "nrd": {"sym20": 0.6, "sym40": 0.6, "sym60": 0.5, "sym80": 0.5, "asym40": 0.7},  # pi2 (pi1 = pi3)
 }
@@ -101,7 +117,7 @@ def neighbours(value: float, grid: tuple[float, ...], count: int = GRID_POINTS) 
     tie), ``count`` in all: at an end of the grid both come from one side."""
     at = grid.index(value)
     others = sorted((v for v in grid if v != value), key=lambda v: (abs(grid.index(v) - at), v))
-    return [value, *others[:count - 1]]
+    return [value, *others[: count - 1]]
 
 
 def grid(setting: str, method: str) -> list[dict[str, Any]]:
@@ -115,13 +131,18 @@ def grid(setting: str, method: str) -> list[dict[str, Any]]:
         alpha, beta = value
         return [{"loss.alpha": a, "loss.beta": beta} for a in neighbours(alpha, SCE_ALPHA_GRID)]
     if method == "gjs":
-        return [{"loss.pi": [p, round((1 - p) / 2, 4), round((1 - p) / 2, 4)], "loss.scale": True}
-                for p in neighbours(value, PI1_GRID)]
-    return [{"loss.pi": [round((1 - p) / 2, 4), p, round((1 - p) / 2, 4)], "loss.scale": True}  # nrd
-            for p in neighbours(value, PI2_GRID)]
+        return [
+            {"loss.pi": [p, round((1 - p) / 2, 4), round((1 - p) / 2, 4)], "loss.scale": True}
+            for p in neighbours(value, PI1_GRID)
+        ]
+    return [
+        {"loss.pi": [round((1 - p) / 2, 4), p, round((1 - p) / 2, 4)], "loss.scale": True}  # nrd
+        for p in neighbours(value, PI2_GRID)
+    ]
 
 
 # ------------------------------------------------------------------ cells
+
 
 @dataclass(frozen=True)
 class Cell:
@@ -161,9 +182,15 @@ def override_value(value: Any) -> str:
 def overrides(cell: Cell, runs: Path) -> list[str]:
     noise = {**SETTINGS[cell.setting], "seed": cell.seed}
     noise_yaml = "{" + ", ".join(f"{k}: {v}" for k, v in noise.items()) + "}"
-    return [*COMMON, f"optim.epochs={cell.epochs}", f"loss.name={cell.method}", f"data.noise={noise_yaml}",
-            f"run.seed={cell.seed}", f"run.output_dir={runs / cell.name}",
-            *(f"{k}={override_value(v)}" for k, v in cell.hyperparameters.items())]
+    return [
+        *COMMON,
+        f"optim.epochs={cell.epochs}",
+        f"loss.name={cell.method}",
+        f"data.noise={noise_yaml}",
+        f"run.seed={cell.seed}",
+        f"run.output_dir={runs / cell.name}",
+        *(f"{k}={override_value(v)}" for k, v in cell.hyperparameters.items()),
+    ]
 
 
 def command(cell: Cell, runs: Path) -> list[str]:
@@ -224,8 +251,10 @@ def long_cells(results: Results) -> list[Cell]:
 
 # ------------------------------------------------------------------ running one cell
 
+
 def source_commit() -> str:
     """The commit of the code that ran (``+dirty`` when tracked files differ from it)."""
+
     def git(*args: str) -> str:
         return subprocess.run(["git", *args], cwd=REPO, capture_output=True, text=True).stdout.strip()
 
@@ -250,11 +279,14 @@ def read_metrics(run_dir: Path) -> dict:
                 curves.setdefault(f"{val_set}/{model}", []).append([r["epoch"] + 1, metrics["top1"]])
                 ece.setdefault(f"{val_set}/{model}", []).append([r["epoch"] + 1, metrics["ece"]])
     last = evals[-1]["eval"]
-    out = {"test_top1_last": last["fmnist_test"]["student"]["top1"],
-           "test_top1_best": max(p[1] for p in curves["fmnist_test/student"]),
-           "test_ece_last": last["fmnist_test"]["student"]["ece"],
-           "noisy_val_top1_last": last["noisy_val"]["student"]["top1"],
-           "curves": curves, "ece_curves": ece}
+    out = {
+        "test_top1_last": last["fmnist_test"]["student"]["top1"],
+        "test_top1_best": max(p[1] for p in curves["fmnist_test/student"]),
+        "test_ece_last": last["fmnist_test"]["student"]["ece"],
+        "noisy_val_top1_last": last["noisy_val"]["student"]["top1"],
+        "curves": curves,
+        "ece_curves": ece,
+    }
     if "teacher" in last["fmnist_test"]:
         out["teacher_test_top1_last"] = last["fmnist_test"]["teacher"]["top1"]
         out["teacher_test_ece_last"] = last["fmnist_test"]["teacher"]["ece"]
@@ -272,8 +304,9 @@ def roc_curve(scores: np.ndarray, positive: np.ndarray, points: int = 101) -> li
     curve = [[0.0, 0.0]]
     for t in thresholds:
         flagged = scores >= t
-        curve.append([round(float((flagged & ~positive).sum() / neg), 4),
-                      round(float((flagged & positive).sum() / pos), 4)])
+        curve.append(
+            [round(float((flagged & ~positive).sum() / neg), 4), round(float((flagged & positive).sum() / pos), 4)]
+        )
     return curve
 
 
@@ -288,9 +321,11 @@ def ranking_numbers(samples_csv: Path) -> dict:
     for column in rows[0]:
         if column.endswith(suffix):
             score = -np.array([float(r[column]) for r in rows])
-            top = np.argsort(-score, kind="stable")[:max(1, round(PRECISION_AT * len(rows)))]
-            out[column.removesuffix(suffix)] = {"precision_at_10pct": round(float(mislabeled[top].mean()), 4),
-                                                "roc": roc_curve(score, mislabeled)}
+            top = np.argsort(-score, kind="stable")[: max(1, round(PRECISION_AT * len(rows)))]
+            out[column.removesuffix(suffix)] = {
+                "precision_at_10pct": round(float(mislabeled[top].mean()), 4),
+                "roc": roc_curve(score, mislabeled),
+            }
     return out
 
 
@@ -304,8 +339,11 @@ def diagnose(cell: Cell, runs: Path, log: Path) -> dict:
         raise RuntimeError(f"{cell.name}: diagnose failed (exit {proc.returncode}); see {log}")
     report = json.loads((out_dir / "diagnose.json").read_text())
     keep = ("checkpoint", "samples", "views", "counts", "table1", "auroc", "calibration")
-    return {"command": relative(cmd), **{k: report[k] for k in keep if k in report},
-            "ranking": ranking_numbers(out_dir / "samples.csv")}
+    return {
+        "command": relative(cmd),
+        **{k: report[k] for k in keep if k in report},
+        "ranking": ranking_numbers(out_dir / "samples.csv"),
+    }
 
 
 def train_and_diagnose(cell: Cell, runs: Path, env: Optional[dict] = None) -> dict:
@@ -318,11 +356,23 @@ def train_and_diagnose(cell: Cell, runs: Path, env: Optional[dict] = None) -> di
         proc = subprocess.run(cmd, cwd=REPO, stdout=f, stderr=subprocess.STDOUT, env=env)
     if proc.returncode != 0:
         raise RuntimeError(f"{cell.name} failed (exit {proc.returncode}); see {log}")
-    return {"cell": cell.name, "setting": cell.setting, "noise": SETTINGS[cell.setting], "method": cell.method,
-            "seed": cell.seed, "grid_index": cell.grid_index, "hyperparameters": cell.hyperparameters,
-            "long": cell.long, "epochs": cell.epochs, "train_images": TRAIN_IMAGES, "batch_size": BATCH,
-            "teacher_decay": TEACHER_DECAY, "command": relative(cmd), **read_metrics(runs / cell.name),
-            "diagnosis": diagnose(cell, runs, log)}
+    return {
+        "cell": cell.name,
+        "setting": cell.setting,
+        "noise": SETTINGS[cell.setting],
+        "method": cell.method,
+        "seed": cell.seed,
+        "grid_index": cell.grid_index,
+        "hyperparameters": cell.hyperparameters,
+        "long": cell.long,
+        "epochs": cell.epochs,
+        "train_images": TRAIN_IMAGES,
+        "batch_size": BATCH,
+        "teacher_decay": TEACHER_DECAY,
+        "command": relative(cmd),
+        **read_metrics(runs / cell.name),
+        "diagnosis": diagnose(cell, runs, log),
+    }
 
 
 def write_atomic(path: Path, text: str) -> None:
@@ -335,18 +385,35 @@ def write_atomic(path: Path, text: str) -> None:
 def run_cell(cell: Cell, results: Results, runs: Path, jobs: int) -> dict:
     started = time.time()
     result = train_and_diagnose(cell, runs)
-    result.update(commit=source_commit(), wall_time_s=round(time.time() - started, 1),
-                  omp_num_threads=int(os.environ.get("OMP_NUM_THREADS", "0")) or None, concurrent_cells=jobs)
+    result.update(
+        commit=source_commit(),
+        wall_time_s=round(time.time() - started, 1),
+        omp_num_threads=int(os.environ.get("OMP_NUM_THREADS", "0")) or None,
+        concurrent_cells=jobs,
+    )
     write_atomic(results.path(cell), json.dumps(result, indent=1) + "\n")
     return result
 
 
 # ------------------------------------------------------------------ commands
 
+
 def ensure_shards() -> None:
     if not (REPO / TRAIN).exists():
-        subprocess.run([sys.executable, "tools/make_shards.py", "fashion-mnist", "--out", SHARDS,
-                        "--shard-size", str(TRAIN_IMAGES), "--quiet"], cwd=REPO, check=True)
+        subprocess.run(
+            [
+                sys.executable,
+                "tools/make_shards.py",
+                "fashion-mnist",
+                "--out",
+                SHARDS,
+                "--shard-size",
+                str(TRAIN_IMAGES),
+                "--quiet",
+            ],
+            cwd=REPO,
+            check=True,
+        )
 
 
 def pending(results: Results, only: str, running: set[str]) -> list[Cell]:
@@ -366,8 +433,10 @@ def cmd_run(args) -> int:
             for cell in pending(results, args.only or "", {c.name for c in running.values()}):
                 if len(running) >= args.jobs:
                     break
-                print(f"[v3] start {cell.name} ({' '.join(overrides(cell, runs)[-len(cell.hyperparameters):])})",
-                      flush=True)
+                print(
+                    f"[v3] start {cell.name} ({' '.join(overrides(cell, runs)[-len(cell.hyperparameters) :])})",
+                    flush=True,
+                )
                 running[pool.submit(run_cell, cell, results, runs, args.jobs)] = cell
             if not running:
                 break
@@ -375,8 +444,11 @@ def cmd_run(args) -> int:
             for future in done:
                 cell = running.pop(future)
                 result = future.result()  # a failed cell stops the sweep: look at its log
-                print(f"[v3] done {cell.name}: test top-1 {result['test_top1_last']:.2f} "
-                      f"(noisy val {result['noisy_val_top1_last']:.2f}) in {result['wall_time_s']:.0f} s", flush=True)
+                print(
+                    f"[v3] done {cell.name}: test top-1 {result['test_top1_last']:.2f} "
+                    f"(noisy val {result['noisy_val_top1_last']:.2f}) in {result['wall_time_s']:.0f} s",
+                    flush=True,
+                )
     print("[v3] every planned cell is done" if not args.only else f"[v3] cells {args.only}* done")
     return 0
 
@@ -402,8 +474,11 @@ def cmd_reproduce(args) -> int:
         raise SystemExit(f"{cell.name}: no committed result in {args.results / 'cells'}")
     here = source_commit()
     if committed["commit"] != here:
-        print(f"[v3] note: this checkout is {here}, the cell ran at {committed['commit']}; "
-              f"numbers may differ for that reason alone", flush=True)
+        print(
+            f"[v3] note: this checkout is {here}, the cell ran at {committed['commit']}; "
+            f"numbers may differ for that reason alone",
+            flush=True,
+        )
     runs = args.runs / "reproduce"
     if (runs / cell.name).exists():
         raise SystemExit(f"{runs / cell.name} exists: remove it to retrain from scratch")
@@ -416,7 +491,9 @@ def cmd_reproduce(args) -> int:
         if key in committed:
             same = rerun[key] == committed[key]
             differences += not same
-            print(f"{key:26s} committed {committed[key]!s:22s} rerun {rerun[key]!s:22s} {'same' if same else 'DIFFERS'}")
+            print(
+                f"{key:26s} committed {committed[key]!s:22s} rerun {rerun[key]!s:22s} {'same' if same else 'DIFFERS'}"
+            )
     return 1 if differences else 0
 
 
@@ -433,9 +510,11 @@ def table_status(results: Results) -> str:
     total = len(SETTING_ORDER) * per_setting + len(LONG["methods"])
     if done == total:
         return f"all {total} cells done."
-    return (f"in progress: {done} of the {len(planned)} cells planned so far are done ({total} once every "
-            f"selection is made; {total - per_setting} without {SETTING_ORDER[-1]}, which runs last and only if "
-            f"the budget allows). The tables show finished cells only.")
+    return (
+        f"in progress: {done} of the {len(planned)} cells planned so far are done ({total} once every "
+        f"selection is made; {total - per_setting} without {SETTING_ORDER[-1]}, which runs last and only if "
+        f"the budget allows). The tables show finished cells only."
+    )
 
 
 def cmd_table(args) -> int:
@@ -444,10 +523,16 @@ def cmd_table(args) -> int:
     from sweep_report import Sweep, write_index, write_v3_report
 
     results = Results(args.results)
-    sweep = Sweep(cells=[json.loads(p.read_text()) for p in sorted(results.cells.glob("*.json"))],
-                  selected={(s, m): results.selected(s, m) for s in SETTINGS for m in METHODS},
-                  settings=list(SETTINGS), methods=list(METHODS), labels=LABELS, seeds=len(SEEDS),
-                  status=table_status(results), reading=READING)
+    sweep = Sweep(
+        cells=[json.loads(p.read_text()) for p in sorted(results.cells.glob("*.json"))],
+        selected={(s, m): results.selected(s, m) for s in SETTINGS for m in METHODS},
+        settings=list(SETTINGS),
+        methods=list(METHODS),
+        labels=LABELS,
+        seeds=len(SEEDS),
+        status=table_status(results),
+        reading=READING,
+    )
     print(f"wrote {write_v3_report(sweep, args.results)}")
     print(f"wrote {write_index(sweep, args.results.parent, args.results.name)}")
     return 0

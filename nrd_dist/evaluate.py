@@ -170,8 +170,10 @@ class Table1:
         known = clean >= 0
         correct = (prediction == clean)[known]
         mislabeled = (given != clean)[known]
-        self.counts[model][mode] += torch.tensor([(correct & ~mislabeled).sum(), (~mislabeled).sum(),
-                                                  (correct & mislabeled).sum(), mislabeled.sum()], dtype=torch.float64)
+        self.counts[model][mode] += torch.tensor(
+            [(correct & ~mislabeled).sum(), (~mislabeled).sum(), (correct & mislabeled).sum(), mislabeled.sum()],
+            dtype=torch.float64,
+        )
 
     def all_reduce(self, reduce_sum: Callable[[torch.Tensor], torch.Tensor]) -> None:
         """Sum the counts over ranks (every rank must hold the same models and modes)."""
@@ -188,12 +190,16 @@ class Table1:
     def accuracies(self, empty: Optional[float] = math.nan) -> dict[str, dict[str, dict[str, Optional[float]]]]:
         """``{model: {mode: {"clean": %, "mislabeled": %}}}``: accuracy against the clean
         labels in percent, ``empty`` for a subset without samples."""
+
         def percent(correct: torch.Tensor, total: torch.Tensor) -> Optional[float]:
             return 100.0 * float(correct / total) if total else empty
 
-        return {model: {mode: {"clean": percent(c[0], c[1]), "mislabeled": percent(c[2], c[3])}
-                        for mode, c in per_mode.items()}
-                for model, per_mode in self.counts.items()}
+        return {
+            model: {
+                mode: {"clean": percent(c[0], c[1]), "mislabeled": percent(c[2], c[3])} for mode, c in per_mode.items()
+            }
+            for model, per_mode in self.counts.items()
+        }
 
 
 def _until_counted(batches: Iterable[dict], max_samples: int) -> Iterator[dict]:

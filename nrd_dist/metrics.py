@@ -74,8 +74,7 @@ class ClassificationMeter:
         """Per-bin accuracy, mean confidence and count (for the reliability diagram)."""
         counts, conf, correct = self.bins
         safe = counts.clamp_min(1)
-        return {"accuracy": (correct / safe).tolist(), "confidence": (conf / safe).tolist(),
-                "count": counts.tolist()}
+        return {"accuracy": (correct / safe).tolist(), "confidence": (conf / safe).tolist(), "count": counts.tolist()}
 
 
 def reliability_diagram(curves: dict[str, dict], path: Path, title: str = "") -> Path:
@@ -135,9 +134,14 @@ def bar_chart(groups: dict[str, dict[str, float]], path: Path, title: str, ylabe
     return Path(path)
 
 
-def line_plot(series: dict[str, list[tuple[float, float]]], path: Path, xlabel: str, ylabel: str,
-              title: str = "", bands: Optional[dict[str, list[tuple[float, float, float]]]] = None
-              ) -> Optional[Path]:
+def line_plot(
+    series: dict[str, list[tuple[float, float]]],
+    path: Path,
+    xlabel: str,
+    ylabel: str,
+    title: str = "",
+    bands: Optional[dict[str, list[tuple[float, float, float]]]] = None,
+) -> Optional[Path]:
     """Lines ``series[name] = [(x, y), ...]`` (accuracy against epoch), each with an optional
     shaded band ``bands[name] = [(x, low, high), ...]`` (e.g. +- one sd over seeds)."""
     if not any(series.values()):
@@ -196,8 +200,9 @@ def auroc(scores, positives) -> float:
     return twice_u / (2 * n_pos * n_neg)
 
 
-def histograms(panels: dict[str, dict[str, np.ndarray]], path: Path, xlabel: str, title: str = "",
-               bins: int = 40) -> Path:
+def histograms(
+    panels: dict[str, dict[str, np.ndarray]], path: Path, xlabel: str, title: str = "", bins: int = 40
+) -> Path:
     """Side-by-side panels of overlaid density histograms (PNG):
     ``panels[panel][series] = 1-D array of values``. Every panel uses the same bin edges
     (over all values), so panels compare directly; empty series are left out."""
@@ -214,8 +219,13 @@ def histograms(panels: dict[str, dict[str, np.ndarray]], path: Path, xlabel: str
     for ax, (name, series) in zip(axes[0], panels.items()):
         for label, data in series.items():
             if len(data):
-                ax.hist(np.asarray(data, dtype=np.float64), bins=edges, density=True, alpha=0.5,
-                        label=f"{label} (n={len(data)})")
+                ax.hist(
+                    np.asarray(data, dtype=np.float64),
+                    bins=edges,
+                    density=True,
+                    alpha=0.5,
+                    label=f"{label} (n={len(data)})",
+                )
         ax.set_title(name, fontsize=9)
         ax.set_xlabel(xlabel)
         ax.set_ylabel("density")

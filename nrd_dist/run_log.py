@@ -71,8 +71,16 @@ class RunLog:
         from tqdm import tqdm
 
         show = self.enabled and sys.stderr.isatty()
-        return tqdm(total=total, desc=desc, unit="step", dynamic_ncols=True, leave=False,
-                    disable=not show, file=sys.stderr, mininterval=0.5)
+        return tqdm(
+            total=total,
+            desc=desc,
+            unit="step",
+            dynamic_ncols=True,
+            leave=False,
+            disable=not show,
+            file=sys.stderr,
+            mininterval=0.5,
+        )
 
     def close(self) -> None:
         if self._metrics is not None:

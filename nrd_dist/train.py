@@ -88,8 +88,10 @@ def plan_data(cfg: Config) -> DataPlan:
     if samples is None:
         unlisted = [u for u in train_urls if u not in counts]
         if unlisted:
-            raise ConfigError(f"data.samples_per_epoch: cannot count the samples of {unlisted[0]!r} "
-                              f"(no {MANIFEST_NAME} beside it lists it); set data.samples_per_epoch")
+            raise ConfigError(
+                f"data.samples_per_epoch: cannot count the samples of {unlisted[0]!r} "
+                f"(no {MANIFEST_NAME} beside it lists it); set data.samples_per_epoch"
+            )
         samples = sum(counts[u] for u in train_urls)
     return DataPlan(train_urls, samples, val_urls, counts)
 
@@ -106,8 +108,11 @@ def seed_everything(seed: int) -> None:
 def _state_field(name: str) -> property:
     """``Trainer.<name>`` reads and writes ``Trainer.state.<name>`` (the loop's counters
     live in the checkpointed :class:`TrainState`; the loop reads better without ``state.``)."""
-    return property(lambda self: getattr(self.state, name), lambda self, value: setattr(self.state, name, value),
-                    doc=f"``self.state.{name}`` (:class:`TrainState`)")
+    return property(
+        lambda self: getattr(self.state, name),
+        lambda self, value: setattr(self.state, name, value),
+        doc=f"``self.state.{name}`` (:class:`TrainState`)",
+    )
 
 
 class Trainer:
@@ -128,8 +133,13 @@ class Trainer:
 
         model = build_model(cfg.model.arch, cfg.data.num_classes, cfg.model.in_channels)
         model = engine.prepare_module(model)
-        optimizer = torch.optim.SGD(model.parameters(), lr=cfg.optim.lr, momentum=cfg.optim.momentum,
-                                    nesterov=cfg.optim.nesterov, weight_decay=cfg.optim.weight_decay)
+        optimizer = torch.optim.SGD(
+            model.parameters(),
+            lr=cfg.optim.lr,
+            momentum=cfg.optim.momentum,
+            nesterov=cfg.optim.nesterov,
+            weight_decay=cfg.optim.weight_decay,
+        )
         # The teacher starts from the student's initial weights; under ZeRO-3 it must be
         # copied before DeepSpeed partitions the student.
         template = copy.deepcopy(model) if self.loss_fn.needs_teacher else None
@@ -149,26 +159,43 @@ class Trainer:
         noise = to_dict(cfg.data.noise) if cfg.data.noise.type != "none" else None
         self.noise = noise
         pin = engine.device.type == "cuda"
-        train_stream = self._stream(plan.train_urls, TrainViews(self.policy, self.teacher is not None,
-                                                                self.student_views), train=True)
-        self.train_loader = make_loader(train_stream, cfg.data.batch_size, cfg.data.workers, drop_last=True,
-                                        pin_memory=pin, persistent=cfg.data.persistent_workers)
+        train_stream = self._stream(
+            plan.train_urls, TrainViews(self.policy, self.teacher is not None, self.student_views), train=True
+        )
+        self.train_loader = make_loader(
+            train_stream,
+            cfg.data.batch_size,
+            cfg.data.workers,
+            drop_last=True,
+            pin_memory=pin,
+            persistent=cfg.data.persistent_workers,
+        )
         eval_batch = cfg.eval.batch_size or 2 * cfg.data.batch_size
         self.val_loaders = {
-            name: make_loader(self._stream(urls, self.policy.eval, train=False, noise=name in cfg.eval.noisy_val),
-                              eval_batch,
-                              cfg.data.workers, drop_last=False, pin_memory=pin)
+            name: make_loader(
+                self._stream(urls, self.policy.eval, train=False, noise=name in cfg.eval.noisy_val),
+                eval_batch,
+                cfg.data.workers,
+                drop_last=False,
+                pin_memory=pin,
+            )
             for name, urls in plan.val_urls.items()
         }
         self.state = TrainState()  # step, data position, history: what checkpoints save besides the components
         self.bad_data = BadDataBudget(cfg.data.max_bad_fraction, plan.train_samples)
-        self.checkpointer = Checkpointer(cfg, engine, self.state, {"teacher": self.teacher, "scheduler": self.scheduler,
-                                                                   "bad_data": self.bad_data})
+        self.checkpointer = Checkpointer(
+            cfg, engine, self.state, {"teacher": self.teacher, "scheduler": self.scheduler, "bad_data": self.bad_data}
+        )
 
     def _stream(self, urls, transform, train: bool, noise: bool = True, per_sample_seed: bool = False) -> ShardStream:
         """A stream of this rank's share of ``urls``; ``noise``: apply ``data.noise``."""
-        spec = StreamSpec.from_config(self.cfg, load_time_noise=noise, rank=self.engine.rank,
-                                      world_size=self.engine.world_size, expected_counts=self.plan.shard_counts)
+        spec = StreamSpec.from_config(
+            self.cfg,
+            load_time_noise=noise,
+            rank=self.engine.rank,
+            world_size=self.engine.world_size,
+            expected_counts=self.plan.shard_counts,
+        )
         return ShardStream(urls, transform, spec, train=train, per_sample_seed=per_sample_seed)
 
     # ------------------------------------------------------------------ the step
@@ -217,12 +244,15 @@ class Trainer:
             raise NonFiniteLossError(f"non-finite loss at {where} (train.nonfinite=stop)")
         self.nonfinite_skipped += 1
         self.engine.optimizer.zero_grad(set_to_none=True)
-        self.log.info(f"skipped non-finite loss at {where} ({self.nonfinite_skipped} of "
-                      f"train.nonfinite_budget={self.cfg.train.nonfinite_budget})")
+        self.log.info(
+            f"skipped non-finite loss at {where} ({self.nonfinite_skipped} of "
+            f"train.nonfinite_budget={self.cfg.train.nonfinite_budget})"
+        )
         self.log.record(epoch=self.epoch, step=self.step, nonfinite_skipped=self.nonfinite_skipped)
         if self.nonfinite_skipped > self.cfg.train.nonfinite_budget:
-            raise NonFiniteLossError(f"non-finite losses exceeded train.nonfinite_budget="
-                                     f"{self.cfg.train.nonfinite_budget}; last at {where}")
+            raise NonFiniteLossError(
+                f"non-finite losses exceeded train.nonfinite_budget={self.cfg.train.nonfinite_budget}; last at {where}"
+            )
         return False
 
     # ------------------------------------------------------------------ the run
@@ -234,13 +264,17 @@ class Trainer:
         if log.enabled:
             dump_config(cfg, self.out / "config.yaml")
         if resumed:
-            log.info(f"resumed from {resumed.path} at step {self.step} (epoch {self.state.epoch}, "
-                     f"batch {self.state.batches_in_epoch}; it was written by {resumed.written_by} ranks)")
+            log.info(
+                f"resumed from {resumed.path} at step {self.step} (epoch {self.state.epoch}, "
+                f"batch {self.state.batches_in_epoch}; it was written by {resumed.written_by} ranks)"
+            )
         if cfg.loss.ignored_params():
             log.info(f"loss {cfg.loss.name} takes no {', '.join(cfg.loss.ignored_params())}: ignored")
-        log.info(f"training {cfg.model.arch} with loss {cfg.loss.name} on {self.plan.train_samples} samples "
-                 f"({len(self.plan.train_urls)} shards), {self.steps_per_epoch} steps/epoch x {cfg.optim.epochs} "
-                 f"epochs, world size {self.engine.world_size}, {self.engine.device}, {self.engine.precision}")
+        log.info(
+            f"training {cfg.model.arch} with loss {cfg.loss.name} on {self.plan.train_samples} samples "
+            f"({len(self.plan.train_urls)} shards), {self.steps_per_epoch} steps/epoch x {cfg.optim.epochs} "
+            f"epochs, world size {self.engine.world_size}, {self.engine.device}, {self.engine.precision}"
+        )
         start = time.time()
         train_time, train_samples = 0.0, 0
         try:
@@ -312,8 +346,7 @@ class Trainer:
                 lr = self.scheduler.get_last_lr()[0]
                 bar.set_postfix(loss=f"{window_loss:.4f}", lr=f"{lr:.4g}", samples_s=f"{rate:.0f}")
                 log.record(epoch=epoch, step=self.step, loss=window_loss, lr=lr, samples_per_s=rate)
-                log.info(f"epoch {epoch + 1} step {self.step} loss {window_loss:.4f} lr {lr:.4g} "
-                         f"samples/s {rate:.0f}")
+                log.info(f"epoch {epoch + 1} step {self.step} loss {window_loss:.4f} lr {lr:.4g} samples/s {rate:.0f}")
                 pending.zero_()
                 window_steps, window_start = 0, time.time()
             every = cfg.checkpoint.every_steps
@@ -326,9 +359,14 @@ class Trainer:
     def eval_context(self) -> EvalContext:
         engine, aug = self.engine, self.cfg.data.augment
         size = aug.image_size or {"fmnist": 28, "cifar": 32, "imagenet": 224}[aug.policy]
-        return EvalContext(engine.to_device, engine.autocast, engine.all_reduce_sum, lockstep=engine.distributed,
-                           idle_input=torch.zeros(1, self.cfg.model.in_channels, size, size),
-                           warn=lambda message: self.log.warning(message, engine.rank))
+        return EvalContext(
+            engine.to_device,
+            engine.autocast,
+            engine.all_reduce_sum,
+            lockstep=engine.distributed,
+            idle_input=torch.zeros(1, self.cfg.model.in_channels, size, size),
+            warn=lambda message: self.log.warning(message, engine.rank),
+        )
 
     def predictors(self) -> dict:
         self.engine.module.eval()
@@ -353,35 +391,53 @@ class Trainer:
         self.engine.module.train()
         teacher_top1 = {n: r["teacher"]["top1"] for n, r in results.items() if "teacher" in r}
         self.log.record(epoch=epoch, step=self.step, top1=top1, teacher_top1=teacher_top1, eval=results)
-        parts = [f"{n}: student {r['student']['top1']:.2f}%" + (f", teacher {r['teacher']['top1']:.2f}%"
-                                                                 if "teacher" in r else "")
-                 for n, r in results.items()]
+        parts = [
+            f"{n}: student {r['student']['top1']:.2f}%"
+            + (f", teacher {r['teacher']['top1']:.2f}%" if "teacher" in r else "")
+            for n, r in results.items()
+        ]
         self.log.info(f"epoch {epoch + 1} step {self.step} top-1 | " + " | ".join(parts))
 
     def finish(self, wall_time: float, samples_per_s: float) -> dict:
         cfg, log = self.cfg, self.log
-        summary: dict = {"loss": cfg.loss.name, "noise": to_dict(cfg.data.noise), "steps": self.step,
-                         "nonfinite_skipped": self.nonfinite_skipped,
-                         "bad_data": self.bad_data.state_dict(),
-                         "epochs": cfg.optim.epochs, "wall_time_s": round(wall_time, 2),
-                         "train_samples_per_s": round(samples_per_s, 1), "val": {}, "plots": []}
+        summary: dict = {
+            "loss": cfg.loss.name,
+            "noise": to_dict(cfg.data.noise),
+            "steps": self.step,
+            "nonfinite_skipped": self.nonfinite_skipped,
+            "bad_data": self.bad_data.state_dict(),
+            "epochs": cfg.optim.epochs,
+            "wall_time_s": round(wall_time, 2),
+            "train_samples_per_s": round(samples_per_s, 1),
+            "val": {},
+            "plots": [],
+        }
         for key, points in self.history.items():
             name, model = key.split("/")
             values = [v for _, v in points]
             entry = summary["val"].setdefault(name, {})
-            entry[model] = {"best_top1": max(values), "last_top1": values[-1],
-                            "ece": self.last_meters[name][model].compute()["ece"],
-                            "top5": self.last_meters[name][model].compute()["top5"],
-                            "reliability": self.last_meters[name][model].reliability()}
+            entry[model] = {
+                "best_top1": max(values),
+                "last_top1": values[-1],
+                "ece": self.last_meters[name][model].compute()["ece"],
+                "top5": self.last_meters[name][model].compute()["top5"],
+                "reliability": self.last_meters[name][model].reliability(),
+            }
         if log.enabled:
             for name, meters in getattr(self, "last_meters", {}).items():
-                curves = {f"{m} (ECE {100 * meter.compute()['ece']:.1f}%)": meter.reliability()
-                          for m, meter in meters.items()}
+                curves = {
+                    f"{m} (ECE {100 * meter.compute()['ece']:.1f}%)": meter.reliability() for m, meter in meters.items()
+                }
                 title = f"{name}: {cfg.loss.name}, {cfg.data.noise.type} noise {cfg.data.noise.rate}"
                 path = reliability_diagram(curves, self.out / f"reliability_{name}.png", title)
                 summary["plots"].append(path.name)
-            curve = line_plot(self.history, self.out / "accuracy.png", "epoch", "clean top-1 (%)",
-                              f"{cfg.loss.name}, {cfg.data.noise.type} noise {cfg.data.noise.rate}")
+            curve = line_plot(
+                self.history,
+                self.out / "accuracy.png",
+                "epoch",
+                "clean top-1 (%)",
+                f"{cfg.loss.name}, {cfg.data.noise.type} noise {cfg.data.noise.rate}",
+            )
             if curve:
                 summary["plots"].append(curve.name)
         correction = self.label_correction_analysis()
@@ -391,8 +447,10 @@ class Trainer:
                 summary["plots"].append(self.plot_label_correction(correction).name)
         write_json(self.out / "summary.json", summary, enabled=log.enabled)
         for name, entry in summary["val"].items():
-            line = ", ".join(f"{m} {e['last_top1']:.2f}% (best {e['best_top1']:.2f}%, ECE {100 * e['ece']:.1f}%)"
-                             for m, e in entry.items())
+            line = ", ".join(
+                f"{m} {e['last_top1']:.2f}% (best {e['best_top1']:.2f}%, ECE {100 * e['ece']:.1f}%)"
+                for m, e in entry.items()
+            )
             log.info(f"clean {name} top-1: {line}")
         log.info(f"outputs in {self.out.resolve()}")
         return summary
@@ -419,12 +477,21 @@ class Trainer:
     def plot_label_correction(self, correction: dict) -> Path:
         """``label_correction.png``: one group of bars per subset (clean, mislabeled
         samples), one bar per model and mode."""
-        groups = {f"{subset} samples (n={correction['counts'][subset]})": {
-                      f"{model}, {mode.replace('_', ' ')}": accuracy[subset]
-                      for model, modes in correction.items() if model != "counts" for mode, accuracy in modes.items()}
-                  for subset in ("clean", "mislabeled")}
-        return bar_chart(groups, self.out / "label_correction.png",
-                         "accuracy against clean labels on training samples", "accuracy (%)")
+        groups = {
+            f"{subset} samples (n={correction['counts'][subset]})": {
+                f"{model}, {mode.replace('_', ' ')}": accuracy[subset]
+                for model, modes in correction.items()
+                if model != "counts"
+                for mode, accuracy in modes.items()
+            }
+            for subset in ("clean", "mislabeled")
+        }
+        return bar_chart(
+            groups,
+            self.out / "label_correction.png",
+            "accuracy against clean labels on training samples",
+            "accuracy (%)",
+        )
 
 
 # ----------------------------------------------------------------------------- entry point
@@ -434,7 +501,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m nrd_dist.train",
         description="Train with NRD or a baseline. Every setting is a config key: "
-                    "CONFIG (YAML) plus key=value overrides, e.g. optim.epochs=2 loss.name=ce.")
+        "CONFIG (YAML) plus key=value overrides, e.g. optim.epochs=2 loss.name=ce.",
+    )
     parser.add_argument("config", help="YAML config file (configs/*.yaml)")
     parser.add_argument("overrides", nargs="*", help="dotted key=value overrides (values parsed as YAML)")
     # The DeepSpeed launcher appends --local_rank=N; the engine reads LOCAL_RANK instead.
@@ -451,8 +519,15 @@ def main(argv: Optional[list[str]] = None) -> int:
         return 2
     try:
         Trainer(cfg, plan, engine).fit()
-    except (ShardError, StorageError, BadDataError, NonFiniteLossError, NonFiniteWeightsError, TeacherDivergedError,
-            ConfigError) as err:
+    except (
+        ShardError,
+        StorageError,
+        BadDataError,
+        NonFiniteLossError,
+        NonFiniteWeightsError,
+        TeacherDivergedError,
+        ConfigError,
+    ) as err:
         print(f"error (rank {engine.rank}): {err}", file=sys.stderr)
         return 1
     except BaseException as err:

@@ -68,7 +68,7 @@ def read_fmnist(split: str, n: int, offset: int = 0):
         images = np.frombuffer(f.read()[16:], dtype=np.uint8).reshape(-1, 28, 28)
     with gzip.open(FMNIST / f"{prefix}-labels-idx1-ubyte.gz") as f:
         labels = np.frombuffer(f.read()[8:], dtype=np.uint8).astype(np.int64)
-    return images[offset:offset + n], labels[offset:offset + n]
+    return images[offset : offset + n], labels[offset : offset + n]
 
 
 def write_split(out: Path, split: str, images, labels, per_shard: int) -> Path:
@@ -79,12 +79,22 @@ def write_split(out: Path, split: str, images, labels, per_shard: int) -> Path:
         buf = io.BytesIO()
         Image.fromarray(image).save(buf, format="PNG")
         keys.append(f"{split}_{i:06d}")
-        writer.write(keys[-1], {"png": buf.getvalue(), "cls": str(int(label)).encode(),
-                                "clean.cls": str(int(label)).encode()})
+        writer.write(
+            keys[-1], {"png": buf.getvalue(), "cls": str(int(label)).encode(), "clean.cls": str(int(label)).encode()}
+        )
     shards = writer.close()
-    write_manifest(out, {"dataset": "fashion-mnist", "split": split, "num_samples": len(keys),
-                         "num_classes": 10, "shards": [vars(s) for s in shards],
-                         "noise": None, "noise_report": noise_report(labels, labels, 10)})
+    write_manifest(
+        out,
+        {
+            "dataset": "fashion-mnist",
+            "split": split,
+            "num_samples": len(keys),
+            "num_classes": 10,
+            "shards": [vars(s) for s in shards],
+            "noise": None,
+            "noise_report": noise_report(labels, labels, 10),
+        },
+    )
     return out
 
 
@@ -148,8 +158,12 @@ def fmnist_small(tmp_path_factory):
     write_split(root / "train", "train", images, labels, 107)
     images, labels = read_fmnist("test", 247)
     write_split(root / "test", "test", images, labels, 240)
-    return {"root": root, "train": str(root / "train" / "train-{000000..000002}.tar"),
-            "test": str(root / "test" / "test-{000000..000001}.tar"), "test_count": 247}
+    return {
+        "root": root,
+        "train": str(root / "train" / "train-{000000..000002}.tar"),
+        "test": str(root / "test" / "test-{000000..000001}.tar"),
+        "test_count": 247,
+    }
 
 
 @pytest.fixture(scope="session")
@@ -157,18 +171,35 @@ def nrd_run(fmnist_small, tmp_path_factory):
     """A 2-epoch NRD run (40% symmetric load-time noise) with a teacher, trained by the
     real entry point: what the diagnostics tools and the sweep's ``diagnose`` read."""
     out = tmp_path_factory.mktemp("diagnostics") / "run"
-    proc = run_train([REPO / "configs" / "fmnist_demo.yaml", f"data.train={fmnist_small['train']}",
-                      f"data.val.fmnist_test={fmnist_small['test']}", f"run.output_dir={out}", "data.noise.rate=0.4",
-                      "optim.epochs=2", "data.batch_size=32", "data.workers=1", "eval.label_correction_samples=0",
-                      "eval.every_epochs=2", "checkpoint.every_steps=1000", "log.every_steps=10"])
+    proc = run_train(
+        [
+            REPO / "configs" / "fmnist_demo.yaml",
+            f"data.train={fmnist_small['train']}",
+            f"data.val.fmnist_test={fmnist_small['test']}",
+            f"run.output_dir={out}",
+            "data.noise.rate=0.4",
+            "optim.epochs=2",
+            "data.batch_size=32",
+            "data.workers=1",
+            "eval.label_correction_samples=0",
+            "eval.every_epochs=2",
+            "checkpoint.every_steps=1000",
+            "log.every_steps=10",
+        ]
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     return out
 
 
 def run_train(args, cwd=REPO, timeout=600):
     """The real entry point in a fresh interpreter."""
-    return subprocess.run([sys.executable, "-m", "nrd_dist.train", *map(str, args)], cwd=cwd,
-                          capture_output=True, text=True, timeout=timeout)
+    return subprocess.run(
+        [sys.executable, "-m", "nrd_dist.train", *map(str, args)],
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
 
 
 class ProcessGroup:
@@ -182,8 +213,14 @@ class ProcessGroup:
         import os
 
         log = open(log_path, "w")
-        proc = subprocess.Popen([str(c) for c in cmd], cwd=cwd, stdout=log, stderr=subprocess.STDOUT,
-                                start_new_session=True, env={**os.environ, **(env or {})})
+        proc = subprocess.Popen(
+            [str(c) for c in cmd],
+            cwd=cwd,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+            env={**os.environ, **(env or {})},
+        )
         proc.log_path = log_path
         proc.log_file = log
         self.procs.append(proc)

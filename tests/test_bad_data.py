@@ -23,18 +23,38 @@ def copy_shards(fmnist_small, tmp_path) -> Path:
 
 
 def torchrun(tmp_path, train, out, *extra):
-    return [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-addr", "127.0.0.1",
-            "--master-port", free_port(), "-m", "nrd_dist.train", DEMO,
-            f"data.train={train}/train-{{000000..000002}}.tar", f"run.output_dir={out}", "data.val={}",
-            "data.batch_size=16", "data.workers=1", "optim.epochs=2", "eval.label_correction_samples=0",
-            "checkpoint.every_steps=0", "log.every_steps=1", "engine.timeout_s=120", *extra]
+    return [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc-per-node",
+        "2",
+        "--master-addr",
+        "127.0.0.1",
+        "--master-port",
+        free_port(),
+        "-m",
+        "nrd_dist.train",
+        DEMO,
+        f"data.train={train}/train-{{000000..000002}}.tar",
+        f"run.output_dir={out}",
+        "data.val={}",
+        "data.batch_size=16",
+        "data.workers=1",
+        "optim.epochs=2",
+        "eval.label_correction_samples=0",
+        "checkpoint.every_steps=0",
+        "log.every_steps=1",
+        "engine.timeout_s=120",
+        *extra,
+    ]
 
 
 @pytest.mark.slow
 def test_a_truncated_shard_on_one_rank_is_reported_and_never_hangs(fmnist_small, tmp_path, processes):
     train = copy_shards(fmnist_small, tmp_path)
     shard = train / "train-000001.tar"
-    shard.write_bytes(shard.read_bytes()[:shard.stat().st_size // 3])  # ~70 of its 107 samples lost
+    shard.write_bytes(shard.read_bytes()[: shard.stat().st_size // 3])  # ~70 of its 107 samples lost
     out = tmp_path / "run"
     proc = processes.start(torchrun(tmp_path, train, out, "data.max_bad_fraction=0.2"), tmp_path / "log.txt")
     assert processes.wait_all(timeout=300) == [0], read_tail(proc.log_path)

@@ -23,10 +23,20 @@ DEMO = REPO / "configs" / "fmnist_demo.yaml"
 
 
 def args(fmnist_small, out, *extra):
-    return [DEMO, f"data.train={fmnist_small['train']}", f"data.val.fmnist_test={fmnist_small['test']}",
-            f"run.output_dir={out}", "data.batch_size=32", "data.workers=1", "optim.epochs=2",
-            "eval.label_correction_samples=0", "checkpoint.every_steps=3", "checkpoint.keep=3", "log.every_steps=1",
-            *extra]
+    return [
+        DEMO,
+        f"data.train={fmnist_small['train']}",
+        f"data.val.fmnist_test={fmnist_small['test']}",
+        f"run.output_dir={out}",
+        "data.batch_size=32",
+        "data.workers=1",
+        "optim.epochs=2",
+        "eval.label_correction_samples=0",
+        "checkpoint.every_steps=3",
+        "checkpoint.keep=3",
+        "log.every_steps=1",
+        *extra,
+    ]
 
 
 def final_state(out):
@@ -68,15 +78,17 @@ class TestResumeMatchesAnUninterruptedRun:
 
     @pytest.mark.slow
     @pytest.mark.parametrize("engine", list(ENGINES))
-    def test_sigkill_mid_epoch_then_resume_is_bitwise_identical(self, fmnist_small, tmp_path, processes, engine,
-                                                                 uninterrupted):
+    def test_sigkill_mid_epoch_then_resume_is_bitwise_identical(
+        self, fmnist_small, tmp_path, processes, engine, uninterrupted
+    ):
         from nrd_dist.tools.export_model import export_state
 
         reference = uninterrupted(engine)
         engine = ENGINES[engine]
         out = tmp_path / "killed"
-        victim = processes.start([sys.executable, "-m", "nrd_dist.train", *args(fmnist_small, out, *engine)],
-                                 tmp_path / "a.log")
+        victim = processes.start(
+            [sys.executable, "-m", "nrd_dist.train", *args(fmnist_small, out, *engine)], tmp_path / "a.log"
+        )
         deadline = time.time() + 240
         while last_step(out) < 8 and victim.poll() is None and time.time() < deadline:
             time.sleep(0.05)
@@ -96,8 +108,11 @@ class TestResumeMatchesAnUninterruptedRun:
             for k in a:
                 assert torch.equal(a[k], b[k]), f"{which} {k}"
         # metrics.jsonl holds each step once: the redone steps replaced the lost ones
-        steps = [json.loads(line)["step"] for line in (out / "metrics.jsonl").read_text().splitlines()
-                 if "loss" in json.loads(line)]
+        steps = [
+            json.loads(line)["step"]
+            for line in (out / "metrics.jsonl").read_text().splitlines()
+            if "loss" in json.loads(line)
+        ]
         assert steps == sorted(set(steps)) and steps[-1] == 20
         assert len(list((out / "checkpoints").glob("step_*"))) == 3  # checkpoint.keep
 
@@ -116,22 +131,29 @@ class TestResumeMatchesAnUninterruptedRun:
 
     @pytest.mark.slow
     @pytest.mark.parametrize("engine", list(ENGINES))
-    def test_export_model_loads_into_the_bare_model_and_reproduces_the_run(self, fmnist_small, tmp_path, engine,
-                                                                           uninterrupted):
+    def test_export_model_loads_into_the_bare_model_and_reproduces_the_run(
+        self, fmnist_small, tmp_path, engine, uninterrupted
+    ):
         from nrd_dist.data.augment import build_policy
         from nrd_dist.data.shards import ShardStream, expand_urls, make_loader
         from nrd_dist.models import build_model
 
         out = uninterrupted(engine)
         summary = json.loads((out / "summary.json").read_text())
-        stream = ShardStream(expand_urls(fmnist_small["test"]), build_policy("fmnist").eval, 10, channels=1,
-                             train=False)
+        stream = ShardStream(
+            expand_urls(fmnist_small["test"]), build_policy("fmnist").eval, 10, channels=1, train=False
+        )
         images, labels = zip(*[(b["image"], b["label"]) for b in make_loader(stream, 64, 0, drop_last=False)])
         images, labels = torch.cat(images), torch.cat(labels)
         for which in ("student", "teacher"):
             exported = tmp_path / f"{which}.pt"
-            proc = subprocess.run([sys.executable, "tools/export_model.py", out, "--which", which, "--out", exported],
-                                  cwd=REPO, capture_output=True, text=True, timeout=120)
+            proc = subprocess.run(
+                [sys.executable, "tools/export_model.py", out, "--which", which, "--out", exported],
+                cwd=REPO,
+                capture_output=True,
+                text=True,
+                timeout=120,
+            )
             assert proc.returncode == 0, proc.stderr[-2000:]
             model = build_model("small_cnn", 10, 1)
             model.load_state_dict(torch.load(exported, weights_only=True))  # strict: every key, nothing else
@@ -202,8 +224,20 @@ def test_checkpointer_saves_and_restores_explicit_state(tmp_path):
     path = Checkpointer(cfg, engine, state, {"teacher": None, "scheduler": scheduler}).save()
     draws = (random.random(), torch.rand(3))  # what the restored RNGs must draw again
     shared = torch.load(path / "shared.pt", weights_only=True)
-    assert set(shared) == {"step", "epoch", "batches_in_epoch", "history", "nonfinite_skipped", "world_size",
-                           "fingerprint", "teacher", "scheduler", "scaler", "student", "optimizer"}
+    assert set(shared) == {
+        "step",
+        "epoch",
+        "batches_in_epoch",
+        "history",
+        "nonfinite_skipped",
+        "world_size",
+        "fingerprint",
+        "teacher",
+        "scheduler",
+        "scaler",
+        "student",
+        "optimizer",
+    }
     assert (path / "rank0.pt").exists() and (path / "COMPLETE").exists()
 
     fresh_engine, fresh_scheduler = build()
@@ -226,12 +260,22 @@ def test_nonfinite_loss_policy(fmnist_small, tmp_path, policy):
     # (skip: no step checkpoints, so the run meets the non-finite losses, not the
     # checkpoint's own refusal to write non-finite weights)
     every = 1 if policy == "stop" else 0
-    proc = run_train(args(fmnist_small, out, "optim.lr=1e30", "loss.name=ce", f"train.nonfinite={policy}",
-                          "train.nonfinite_budget=2", f"checkpoint.every_steps={every}"))
+    proc = run_train(
+        args(
+            fmnist_small,
+            out,
+            "optim.lr=1e30",
+            "loss.name=ce",
+            f"train.nonfinite={policy}",
+            "train.nonfinite_budget=2",
+            f"checkpoint.every_steps={every}",
+        )
+    )
     assert proc.returncode == 1
     if policy == "stop":  # either the loss or, first, the checkpoint's weight check stops it
-        assert ("train.nonfinite=stop" in proc.stderr and "batch sample keys ['train_" in proc.stderr) or \
-            "the weights are not finite; no checkpoint written" in proc.stderr, proc.stderr[-2000:]
+        assert (
+            "train.nonfinite=stop" in proc.stderr and "batch sample keys ['train_" in proc.stderr
+        ) or "the weights are not finite; no checkpoint written" in proc.stderr, proc.stderr[-2000:]
     else:
         assert "exceeded train.nonfinite_budget=2" in proc.stderr
         assert "skipped non-finite loss" in proc.stdout
@@ -243,18 +287,41 @@ def test_nonfinite_loss_policy(fmnist_small, tmp_path, policy):
 
 @pytest.mark.slow
 def test_export_errors(tmp_path):
-    proc = subprocess.run([sys.executable, "tools/export_model.py", tmp_path, "--out", tmp_path / "x.pt"],
-                          cwd=REPO, capture_output=True, text=True, timeout=60)
+    proc = subprocess.run(
+        [sys.executable, "tools/export_model.py", tmp_path, "--out", tmp_path / "x.pt"],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert proc.returncode == 2 and "error:" in proc.stderr
     (tmp_path / "checkpoints" / "step_000010").mkdir(parents=True)  # a save cut short: no COMPLETE marker
-    proc = subprocess.run([sys.executable, "tools/export_model.py", tmp_path, "--out", tmp_path / "x.pt",
-                           "--checkpoint", "step_000010"], cwd=REPO, capture_output=True, text=True, timeout=60)
+    proc = subprocess.run(
+        [sys.executable, "tools/export_model.py", tmp_path, "--out", tmp_path / "x.pt", "--checkpoint", "step_000010"],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert proc.returncode == 2 and "step_000010: incomplete checkpoint" in proc.stderr
     half_renamed = tmp_path / "checkpoints" / "step_000000020.tmp"  # COMPLETE written, rename not yet done
     half_renamed.mkdir()
     (half_renamed / "COMPLETE").write_text("step_000000020\n")
-    proc = subprocess.run([sys.executable, "tools/export_model.py", tmp_path, "--out", tmp_path / "x.pt",
-                           "--checkpoint", half_renamed.name], cwd=REPO, capture_output=True, text=True, timeout=60)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "tools/export_model.py",
+            tmp_path,
+            "--out",
+            tmp_path / "x.pt",
+            "--checkpoint",
+            half_renamed.name,
+        ],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert proc.returncode == 2 and "step_000000020.tmp: incomplete checkpoint" in proc.stderr
 
 
@@ -262,17 +329,31 @@ class TestLaunchersRecoverFromALostWorker:
     """torchrun restarts a killed rank; an elastic job shrinks when a node leaves."""
 
     @pytest.mark.slow
-    def test_torchrun_restarts_a_killed_worker_and_the_result_is_bitwise_identical(self, fmnist_small, tmp_path,
-                                                                                    processes):
+    def test_torchrun_restarts_a_killed_worker_and_the_result_is_bitwise_identical(
+        self, fmnist_small, tmp_path, processes
+    ):
         """torchrun --max-restarts 2 with 2 ranks; one rank is SIGKILLed mid-epoch; the group
         restarts, resumes from the latest checkpoint and ends bitwise where an uninterrupted
         run ends."""
         import psutil
 
         def torchrun(port, restarts, out):
-            return [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--rdzv-backend", "c10d",
-                    "--rdzv-endpoint", f"127.0.0.1:{port}", "--max-restarts", restarts, "-m", "nrd_dist.train",
-                    *[str(a) for a in args(fmnist_small, out, "data.batch_size=8")]]
+            return [
+                sys.executable,
+                "-m",
+                "torch.distributed.run",
+                "--nproc-per-node",
+                "2",
+                "--rdzv-backend",
+                "c10d",
+                "--rdzv-endpoint",
+                f"127.0.0.1:{port}",
+                "--max-restarts",
+                restarts,
+                "-m",
+                "nrd_dist.train",
+                *[str(a) for a in args(fmnist_small, out, "data.batch_size=8")],
+            ]
 
         reference = tmp_path / "uninterrupted"
         ref = processes.start(torchrun(free_port(), "0", reference), tmp_path / "ref.log")
@@ -283,8 +364,7 @@ class TestLaunchersRecoverFromALostWorker:
         deadline = time.time() + 300
         while last_step(out) < 7 and agent.poll() is None and time.time() < deadline:
             time.sleep(0.02)
-        workers = [p for p in psutil.Process(agent.pid).children()
-                   if "nrd_dist.train" in " ".join(p.cmdline())]
+        workers = [p for p in psutil.Process(agent.pid).children() if "nrd_dist.train" in " ".join(p.cmdline())]
         assert len(workers) == 2, [p.cmdline() for p in workers]
         killed_at = last_step(out)
         workers[1].send_signal(signal.SIGKILL)  # one rank dies mid-epoch (20 steps per epoch)
@@ -309,10 +389,28 @@ class TestLaunchersRecoverFromALostWorker:
         out = tmp_path / "run"
         agents = []
         for node in (0, 1):
-            cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "1:2", "--nproc-per-node", "1",
-                   "--rdzv-backend", "c10d", "--rdzv-endpoint", f"127.0.0.1:{port}", "--rdzv-id", "elastic-test",
-                   "--rdzv-conf", "last_call_timeout=3", "--max-restarts", "3", "-m", "nrd_dist.train",
-                   *[str(a) for a in args(fmnist_small, out, "data.batch_size=8", *ENGINES[engine])]]
+            cmd = [
+                sys.executable,
+                "-m",
+                "torch.distributed.run",
+                "--nnodes",
+                "1:2",
+                "--nproc-per-node",
+                "1",
+                "--rdzv-backend",
+                "c10d",
+                "--rdzv-endpoint",
+                f"127.0.0.1:{port}",
+                "--rdzv-id",
+                "elastic-test",
+                "--rdzv-conf",
+                "last_call_timeout=3",
+                "--max-restarts",
+                "3",
+                "-m",
+                "nrd_dist.train",
+                *[str(a) for a in args(fmnist_small, out, "data.batch_size=8", *ENGINES[engine])],
+            ]
             agents.append(processes.start(cmd, tmp_path / f"agent{node}.log"))
         deadline = time.time() + 300
         while last_step(out) < 10 and all(a.poll() is None for a in agents) and time.time() < deadline:
@@ -322,8 +420,10 @@ class TestLaunchersRecoverFromALostWorker:
         import psutil
 
         def hosts_store(agent):
-            return any(c.status == psutil.CONN_LISTEN and c.laddr.port == port
-                       for c in psutil.Process(agent.pid).net_connections(kind="tcp"))
+            return any(
+                c.status == psutil.CONN_LISTEN and c.laddr.port == port
+                for c in psutil.Process(agent.pid).net_connections(kind="tcp")
+            )
 
         survivor, leaving = (0, 1) if hosts_store(agents[0]) else (1, 0)
         kill_tree(agents[leaving].pid)  # that node leaves: its agent and its worker die
@@ -352,13 +452,28 @@ def zero_moves(tmp_path_factory):
 
     out = tmp_path_factory.mktemp("zero_moves")
     launches = [("save", 2, sorted({stage for stage, by, _ in ZERO_MOVES if by == 2}))]
-    launches += [("load", ranks, sorted({stage for stage, _, by in ZERO_MOVES if by == ranks}))
-                 for ranks in sorted({by for _, _, by in ZERO_MOVES})]
+    launches += [
+        ("load", ranks, sorted({stage for stage, _, by in ZERO_MOVES if by == ranks}))
+        for ranks in sorted({by for _, _, by in ZERO_MOVES})
+    ]
     processes = ProcessGroup()
     try:
         for mode, ranks, stages in launches:
-            cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(ranks), "--master-addr",
-                   "127.0.0.1", "--master-port", free_port(), "tests/dist/zero_portable.py", mode, out, *stages]
+            cmd = [
+                sys.executable,
+                "-m",
+                "torch.distributed.run",
+                "--nproc-per-node",
+                str(ranks),
+                "--master-addr",
+                "127.0.0.1",
+                "--master-port",
+                free_port(),
+                "tests/dist/zero_portable.py",
+                mode,
+                out,
+                *stages,
+            ]
             proc = processes.start(cmd, out / f"{mode}-{ranks}.log")
             assert processes.wait_all(timeout=300)[-1] == 0, read_tail(proc.log_path)
     finally:
@@ -400,15 +515,31 @@ class TestZeroStateAcrossWorldSizes:
             assert (param.detach() - saved["params"][name]).abs().max() > 1e-4, "the step must move the weights"
             # equal up to the order of the gradient reduction over the ranks (measured <= 3e-8)
             assert torch.allclose(param.detach(), after["params"][name], rtol=0, atol=1e-6), name
-            assert torch.allclose(optimizer.state[param]["momentum_buffer"],
-                                  after["optimizer_state"]["momentum_buffer"][name], rtol=0, atol=1e-6), name
+            assert torch.allclose(
+                optimizer.state[param]["momentum_buffer"],
+                after["optimizer_state"]["momentum_buffer"][name],
+                rtol=0,
+                atol=1e-6,
+            ), name
 
     @pytest.mark.slow
     def test_zero_checkpoint_without_portable_copy_names_the_world_sizes(self, fmnist_small, tmp_path, processes):
         out = tmp_path / "run"
         zero = ["engine.backend=deepspeed", "engine.zero_stage=1", "checkpoint.zero_portable=false", "optim.epochs=1"]
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-addr", "127.0.0.1",
-               "--master-port", free_port(), "-m", "nrd_dist.train", *map(str, args(fmnist_small, out, *zero))]
+        cmd = [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--nproc-per-node",
+            "2",
+            "--master-addr",
+            "127.0.0.1",
+            "--master-port",
+            free_port(),
+            "-m",
+            "nrd_dist.train",
+            *map(str, args(fmnist_small, out, *zero)),
+        ]
         proc = processes.start(cmd, tmp_path / "two.log")
         assert processes.wait_all(timeout=300) == [0], read_tail(proc.log_path)
         latest = out / "checkpoints" / (out / "checkpoints" / "latest").read_text().strip()
@@ -417,4 +548,3 @@ class TestZeroStateAcrossWorldSizes:
         assert one.returncode != 0
         assert "ZeRO-1 optimizer partitions of 2 ranks" in one.stderr and "not 1" in one.stderr, one.stderr[-2000:]
         assert "checkpoint.zero_portable" in one.stderr
-

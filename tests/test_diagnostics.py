@@ -55,8 +55,13 @@ def read_shard_samples(pattern):
 
 
 def run_tool(name, *args):
-    return subprocess.run([sys.executable, str(REPO / "tools" / f"{name}.py"), *map(str, args)], cwd=REPO,
-                          capture_output=True, text=True, timeout=300)
+    return subprocess.run(
+        [sys.executable, str(REPO / "tools" / f"{name}.py"), *map(str, args)],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
 
 
 @pytest.fixture(scope="module")
@@ -64,8 +69,15 @@ def truth(nrd_run, fmnist_small):
     keys, images, clean, members, shard_of = read_shard_samples(fmnist_small["train"])
     spec = to_dict(load_config(nrd_run / "config.yaml").data.noise)
     given = apply_noise(keys, clean, spec, 10)
-    return {"keys": keys, "images": images, "clean": clean, "given": given, "members": members,
-            "shard_of": shard_of, "by_key": {k: (int(g), int(c)) for k, g, c in zip(keys, given, clean)}}
+    return {
+        "keys": keys,
+        "images": images,
+        "clean": clean,
+        "given": given,
+        "members": members,
+        "shard_of": shard_of,
+        "by_key": {k: (int(g), int(c)) for k, g, c in zip(keys, given, clean)},
+    }
 
 
 @pytest.fixture(scope="module")
@@ -150,7 +162,6 @@ def test_diagnose_table1_counts_and_auroc(diagnosed, truth, nrd_run):
             image.verify()
 
 
-
 @pytest.mark.slow
 def test_find_mislabeled_ranks_every_sample_with_its_precision(ranked, diagnosed, truth):
     rows, summary = ranked
@@ -168,7 +179,11 @@ def test_find_mislabeled_ranks_every_sample_with_its_precision(ranked, diagnosed
     assert summary["mislabeled"] == n_mislabeled == diagnosed[0]["counts"]["mislabeled"]
     at_k = {entry["k"]: entry for entry in summary["at_k"]}
     assert {name: entry["samples"] for name, entry in at_k.items()} == {
-        "1%": 3, "5%": 16, "10%": 32, "number mislabeled": n_mislabeled}
+        "1%": 3,
+        "5%": 16,
+        "10%": 32,
+        "number mislabeled": n_mislabeled,
+    }
     for entry in at_k.values():
         k = entry["samples"]
         assert entry["precision"] == int(hits[k - 1]) / k
@@ -200,8 +215,24 @@ def test_shards_without_clean_labels(nrd_run, truth, ranked, tmp_path, capsys):
     stripped = strip_clean_labels(truth["members"], truth["shard_of"], tmp_path / "plain")
     # --noise none: the shards' own labels, so nothing is known to be clean
     csv_path = tmp_path / "out" / "ranking.csv"
-    assert find_mislabeled.main([str(nrd_run), "--shards", stripped, "--noise", "none", "--views", str(VIEWS),
-                                 "--workers", "2", "--out", str(csv_path)]) == 0
+    assert (
+        find_mislabeled.main(
+            [
+                str(nrd_run),
+                "--shards",
+                stripped,
+                "--noise",
+                "none",
+                "--views",
+                str(VIEWS),
+                "--workers",
+                "2",
+                "--out",
+                str(csv_path),
+            ]
+        )
+        == 0
+    )
     summary = json.loads((tmp_path / "out" / "ranking.summary.json").read_text())
     assert summary["clean_labels"] is False and summary["clean_labels_known"] == 0
     assert "at_k" not in summary and "auroc" not in summary and "mislabeled" not in summary
@@ -216,14 +247,48 @@ def test_shards_without_clean_labels(nrd_run, truth, ranked, tmp_path, capsys):
     for r in rows:
         assert r["teacher_label"] == before[r["key"]][0]
         assert float(r["teacher_confidence"]) == pytest.approx(before[r["key"]][1], rel=1e-6)
-    assert find_mislabeled.main([str(nrd_run), "--shards", stripped, "--noise", "none", "--views", "1",
-                                 "--workers", "1", "--top", "5", "--out", str(tmp_path / "top.csv")]) == 0
+    assert (
+        find_mislabeled.main(
+            [
+                str(nrd_run),
+                "--shards",
+                stripped,
+                "--noise",
+                "none",
+                "--views",
+                "1",
+                "--workers",
+                "1",
+                "--top",
+                "5",
+                "--out",
+                str(tmp_path / "top.csv"),
+            ]
+        )
+        == 0
+    )
     assert len((tmp_path / "top.csv").read_text().splitlines()) == 1 + 5
 
     # diagnose needs clean labels: a clear error naming the shard and the sample
     capsys.readouterr()
-    assert diagnose.main([str(nrd_run), "--shards", stripped, "--noise", "none", "--views", "1",
-                          "--workers", "1", "--out", str(tmp_path / "diag")]) == 2
+    assert (
+        diagnose.main(
+            [
+                str(nrd_run),
+                "--shards",
+                stripped,
+                "--noise",
+                "none",
+                "--views",
+                "1",
+                "--workers",
+                "1",
+                "--out",
+                str(tmp_path / "diag"),
+            ]
+        )
+        == 2
+    )
     err = capsys.readouterr().err
     assert err.startswith("error: shard ") and "train-000000.tar" in err and "has no clean label" in err
 
@@ -233,8 +298,26 @@ def test_diagnose_options(nrd_run, tmp_path):
     from nrd_dist.diagnostics import diagnose
 
     out = tmp_path / "student"
-    assert diagnose.main([str(nrd_run), "--which", "student", "--max-samples", "50", "--views", "2",
-                          "--workers", "1", "--batch-size", "16", "--out", str(out)]) == 0
+    assert (
+        diagnose.main(
+            [
+                str(nrd_run),
+                "--which",
+                "student",
+                "--max-samples",
+                "50",
+                "--views",
+                "2",
+                "--workers",
+                "1",
+                "--batch-size",
+                "16",
+                "--out",
+                str(out),
+            ]
+        )
+        == 0
+    )
     report = json.loads((out / "diagnose.json").read_text())
     assert report["samples"] == 50 and sum(report["counts"].values()) == 50
     assert set(report["table1"]) == {"student"} and report["views"] == 2
@@ -299,8 +382,9 @@ def test_the_in_run_analysis_and_diagnose_report_the_same_table1(nrd_run, diagno
     """One definition of Table 1: for the same checkpoint, samples (all 320), K and seed
     (run.seed), the run's own analysis gives diagnose's numbers exactly, whatever its
     number of workers; and it draws nothing from the RNGs training uses."""
-    trainer = trainer_of(nrd_run, tmp_path / "again", "eval.label_correction_samples=320",
-                         f"eval.label_correction_views={VIEWS}")
+    trainer = trainer_of(
+        nrd_run, tmp_path / "again", "eval.label_correction_samples=320", f"eval.label_correction_views={VIEWS}"
+    )
     try:
         tables = {}
         for workers in (0, 2):

@@ -29,8 +29,13 @@ def single_process_curve(tmp_path_factory):
     import subprocess
 
     out = tmp_path_factory.mktemp("single")
-    proc = subprocess.run([sys.executable, "tests/dist/engine_steps.py", out, "engine.backend=ddp"], cwd=REPO,
-                          capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(
+        [sys.executable, "tests/dist/engine_steps.py", out, "engine.backend=ddp"],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     return json.loads((out / "rank0.json").read_text())
 
@@ -42,8 +47,17 @@ class TestTwoRanksMatchOneProcess:
     @pytest.mark.parametrize("engine", list(ENGINES))
     def test_two_ranks_match_one_and_keep_the_teacher_in_sync(self, engine, single_process_curve, tmp_path, processes):
         out = tmp_path / "out"
-        cmd = TORCHRUN + ["--nproc-per-node", "2", "--master-addr", "127.0.0.1", "--master-port", free_port(),
-                          "tests/dist/engine_steps.py", out, *ENGINES[engine]]
+        cmd = TORCHRUN + [
+            "--nproc-per-node",
+            "2",
+            "--master-addr",
+            "127.0.0.1",
+            "--master-port",
+            free_port(),
+            "tests/dist/engine_steps.py",
+            out,
+            *ENGINES[engine],
+        ]
         proc = processes.start(cmd, tmp_path / "log.txt")
         assert processes.wait_all(timeout=300) == [0], read_tail(proc.log_path)
         ranks = [json.loads((out / f"rank{r}.json").read_text()) for r in (0, 1)]
@@ -66,9 +80,18 @@ class TestTwoRanksMatchOneProcess:
 
 
 def demo_args(fmnist_small, out, *extra):
-    return ["configs/fmnist_demo.yaml", f"data.train={fmnist_small['train']}",
-            f"data.val.fmnist_test={fmnist_small['test']}", f"run.output_dir={out}", "data.batch_size=32",
-            "data.workers=1", "optim.epochs=2", "eval.label_correction_samples=64", "log.every_steps=2", *extra]
+    return [
+        "configs/fmnist_demo.yaml",
+        f"data.train={fmnist_small['train']}",
+        f"data.val.fmnist_test={fmnist_small['test']}",
+        f"run.output_dir={out}",
+        "data.batch_size=32",
+        "data.workers=1",
+        "optim.epochs=2",
+        "eval.label_correction_samples=64",
+        "log.every_steps=2",
+        *extra,
+    ]
 
 
 def check_run(out, fmnist_small, world_size, steps_per_epoch):
@@ -91,8 +114,15 @@ def test_two_torchrun_agents_train_the_demo(fmnist_small, tmp_path, processes):
     over 2 ranks x 2 workers: no hang, the same number of steps on both ranks."""
     port = free_port()
     out = tmp_path / "run"
-    env = {"NNODES": "2", "NPROC_PER_NODE": "1", "RDZV_ENDPOINT": f"127.0.0.1:{port}", "RDZV_ID": "nrd-test",
-           "MAX_RESTARTS": "0", "PYTHON": sys.executable, "CONFIG": "configs/fmnist_demo.yaml"}
+    env = {
+        "NNODES": "2",
+        "NPROC_PER_NODE": "1",
+        "RDZV_ENDPOINT": f"127.0.0.1:{port}",
+        "RDZV_ID": "nrd-test",
+        "MAX_RESTARTS": "0",
+        "PYTHON": sys.executable,
+        "CONFIG": "configs/fmnist_demo.yaml",
+    }
     for node in (0, 1):
         cmd = ["bash", "launchers/torchrun_multinode.sh", *demo_args(fmnist_small, out, "data.workers=2")[1:]]
         processes.start(cmd, tmp_path / f"agent{node}.log", env=env)
@@ -116,9 +146,14 @@ def test_deepspeed_launcher_two_nodes(fmnist_small, tmp_path, processes, monkeyp
     port = free_port()
     out = tmp_path / "run"
     for node in (0, 1):
-        env = {"HOSTFILE": str(hostfile), "NODE_RANK": str(node), "MASTER_ADDR": "127.0.0.1",
-               "MASTER_PORT": str(port), "CONFIG": "configs/fmnist_demo.yaml",
-               "DEEPSPEED": str(REPO / ".venv" / "bin" / "deepspeed")}
+        env = {
+            "HOSTFILE": str(hostfile),
+            "NODE_RANK": str(node),
+            "MASTER_ADDR": "127.0.0.1",
+            "MASTER_PORT": str(port),
+            "CONFIG": "configs/fmnist_demo.yaml",
+            "DEEPSPEED": str(REPO / ".venv" / "bin" / "deepspeed"),
+        }
         cmd = ["bash", "launchers/deepspeed_launch.sh", *demo_args(fmnist_small, out)[1:]]
         processes.start(cmd, tmp_path / f"node{node}.log", env=env)
     codes = processes.wait_all(timeout=420)
@@ -140,8 +175,9 @@ def test_deepspeed_launcher_two_nodes(fmnist_small, tmp_path, processes, monkeyp
 def test_deepspeed_gradient_accumulation_equals_the_full_batch(tmp_path):
     import subprocess
 
-    proc = subprocess.run([sys.executable, "tests/dist/grad_accum.py"], cwd=REPO, capture_output=True, text=True,
-                          timeout=300)
+    proc = subprocess.run(
+        [sys.executable, "tests/dist/grad_accum.py"], cwd=REPO, capture_output=True, text=True, timeout=300
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     result = json.loads([line for line in proc.stdout.splitlines() if line.startswith("{")][-1])
     assert result["max_diff"] < 1e-6  # 2 micro-batches of 4 == one batch of 8

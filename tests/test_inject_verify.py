@@ -37,8 +37,14 @@ SPEC_ARGS = ["--noise-type", "symmetric", "--noise-rate", "0.4", "--noise-seed",
 
 def run_tool(tool: str, *args, env=None) -> subprocess.CompletedProcess:
     """``python tools/TOOL.py ARGS`` as a user runs it, from the repo root."""
-    return subprocess.run([sys.executable, str(REPO / "tools" / f"{tool}.py"), *map(str, args)], cwd=REPO,
-                          capture_output=True, text=True, timeout=120, env=env)
+    return subprocess.run(
+        [sys.executable, str(REPO / "tools" / f"{tool}.py"), *map(str, args)],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env=env,
+    )
 
 
 def call(tool, *args) -> int:
@@ -95,8 +101,7 @@ def write_shards(folder: Path, shards: list[list[tuple[str, dict[str, bytes]]]],
         (info,) = writer.close()
         (folder / info.name).rename(folder / f"train-{index:06d}.tar")
         infos.append({**vars(info), "name": f"train-{index:06d}.tar"})
-    write_manifest(folder, {"num_samples": sum(len(s) for s in shards), "num_classes": 10,
-                            "shards": infos, **manifest})
+    write_manifest(folder, {"num_samples": sum(len(s) for s in shards), "num_classes": 10, "shards": infos, **manifest})
     return folder
 
 
@@ -225,8 +230,9 @@ def test_inject_matches_make_shards_byte_for_byte(tmp_path):
     assert injected["shards"] == baked["shards"]  # names, counts, sha256, sizes
     assert injected["noise_report"] == baked["noise_report"] and injected["noise_report"]["realised_rate"] > 0
     for entry in baked["shards"]:
-        assert (tmp_path / "injected" / entry["name"]).read_bytes() == \
-            (tmp_path / "baked" / "train" / entry["name"]).read_bytes()
+        assert (tmp_path / "injected" / entry["name"]).read_bytes() == (
+            tmp_path / "baked" / "train" / entry["name"]
+        ).read_bytes()
 
 
 def test_inject_into_shards_without_clean_labels(tmp_path, capsys):
@@ -234,8 +240,21 @@ def test_inject_into_shards_without_clean_labels(tmp_path, capsys):
     fields = [(f"s_{i:03d}", {"png": png(i), "cls": str(i % 10).encode()}) for i in range(40)]
     src = write_shards(tmp_path / "src", [fields[:25], fields[25:]])
     out = tmp_path / "out"
-    assert call(inject_noise, src, "--out", out, "--noise-type", "asymmetric", "--noise-rate", "0.6",
-                "--noise-map", "{0: 6, 2: 4}") == 0
+    assert (
+        call(
+            inject_noise,
+            src,
+            "--out",
+            out,
+            "--noise-type",
+            "asymmetric",
+            "--noise-rate",
+            "0.6",
+            "--noise-map",
+            "{0: 6, 2: 4}",
+        )
+        == 0
+    )
     assert '"clean_labels_from_cls": 40' in capsys.readouterr().out
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["derived_from"]["clean_labels_from_cls"] == 40
@@ -289,13 +308,16 @@ def _wrong_count(folder: Path) -> str:
     return "train-000001.tar"
 
 
-@pytest.mark.parametrize("damage, expected", [
-    (_flip_byte, ["sha256"]),
-    (_truncate, ["bytes, the manifest says 358400", "samples, the manifest says 106"]),
-    (_remove, ["missing"]),
-    (_extra, ["extra tar file"]),
-    (_wrong_count, ["holds 107 samples, the manifest says 106"]),
-])
+@pytest.mark.parametrize(
+    "damage, expected",
+    [
+        (_flip_byte, ["sha256"]),
+        (_truncate, ["bytes, the manifest says 358400", "samples, the manifest says 106"]),
+        (_remove, ["missing"]),
+        (_extra, ["extra tar file"]),
+        (_wrong_count, ["holds 107 samples, the manifest says 106"]),
+    ],
+)
 def test_verify_finds_damage(train, capsys, damage, expected):
     assert call(verify_shards, train) == 0
     assert capsys.readouterr().out == f"{train}: 3 shards, 320 samples: OK\n"
@@ -321,10 +343,13 @@ def test_verify_deep_checks_images_labels_and_keys(train, tmp_path, capsys):
         label = i % 10 if label is None else label
         return (f"s_{i:03d}", {"png": image or png(i), "cls": str(label).encode()})
 
-    bad = write_shards(tmp_path / "bad", [
-        [sample(0), sample(1, label=12), sample(2), sample(3, image=b"not an image")],
-        [sample(4), sample(2, label=-1), sample(5)],
-    ])
+    bad = write_shards(
+        tmp_path / "bad",
+        [
+            [sample(0), sample(1, label=12), sample(2), sample(3, image=b"not an image")],
+            [sample(4), sample(2, label=-1), sample(5)],
+        ],
+    )
     assert call(verify_shards, bad) == 0  # structurally sound: only --deep sees these
     capsys.readouterr()
     assert call(verify_shards, bad, "--deep") == 1
@@ -353,8 +378,9 @@ def test_s3_inject_and_verify(train, tmp_path, s3_server, capsys):
     env = {**os.environ, **s3_server.env}
     secret = s3_server.storage_options["secret"]
 
-    proc = run_tool("inject_noise", f"s3://{bucket}/fmnist/train", "--out", f"s3://{bucket}/fmnist/noisy",
-                    *SPEC_ARGS, env=env)
+    proc = run_tool(
+        "inject_noise", f"s3://{bucket}/fmnist/train", "--out", f"s3://{bucket}/fmnist/noisy", *SPEC_ARGS, env=env
+    )
     assert proc.returncode == 0, proc.stderr
     assert secret not in proc.stdout + proc.stderr
     proc = run_tool("verify_shards", f"s3://{bucket}/fmnist/noisy", env=env)
@@ -371,7 +397,8 @@ def test_s3_inject_and_verify(train, tmp_path, s3_server, capsys):
     assert remote["derived_from"]["url"] == f"s3://{bucket}/fmnist/train"
     assert remote["derived_from"]["shards"] == local["derived_from"]["shards"]
     assert sorted(fs.ls(f"{bucket}/fmnist/noisy")) == sorted(
-        f"{bucket}/fmnist/noisy/{n}" for n in ["manifest.json", *(s["name"] for s in local["shards"])])
+        f"{bucket}/fmnist/noisy/{n}" for n in ["manifest.json", *(s["name"] for s in local["shards"])]
+    )
 
     # Refused without --force, remotely too.
     capsys.readouterr()
@@ -390,8 +417,16 @@ def test_s3_inject_and_verify(train, tmp_path, s3_server, capsys):
     lines = capsys.readouterr().out.splitlines()
     assert len(lines) == 2 and lines[0].startswith(f"s3://{shard}: sha256 ") and lines[1].endswith(": 1 problem")
     # --deep also names the damaged sample
-    assert call(verify_shards, f"s3://{bucket}/fmnist/noisy", "--deep", "--storage-options",
-                json.dumps(s3_server.storage_options)) == 1
+    assert (
+        call(
+            verify_shards,
+            f"s3://{bucket}/fmnist/noisy",
+            "--deep",
+            "--storage-options",
+            json.dumps(s3_server.storage_options),
+        )
+        == 1
+    )
     captured = capsys.readouterr()
     lines = captured.out.splitlines()
     assert lines[0].startswith(f"s3://{shard}: sample '{image.name.split('.')[0]}': .png cannot be decoded")
@@ -406,8 +441,13 @@ def test_s3_secrets_never_printed(tmp_path, s3_server, capsys):
     env = {**os.environ, **s3_server.env}
 
     # An unreachable folder whose URL contains the secret: a clean error, secret redacted.
-    proc = run_tool("verify_shards", f"s3://no-such-bucket-{uuid.uuid4().hex[:8]}/{secret}/train",
-                    "--storage-options", options, env=env)
+    proc = run_tool(
+        "verify_shards",
+        f"s3://no-such-bucket-{uuid.uuid4().hex[:8]}/{secret}/train",
+        "--storage-options",
+        options,
+        env=env,
+    )
     assert proc.returncode == 2, proc.stdout + proc.stderr
     assert proc.stderr.startswith("error: s3://no-such-bucket-") and "Traceback" not in proc.stderr
     assert secret not in proc.stdout + proc.stderr and "***" in proc.stderr
@@ -415,11 +455,20 @@ def test_s3_secrets_never_printed(tmp_path, s3_server, capsys):
     # In-process, the same policy: bad JSON, an option s3fs rejects, a failed upload.
     bucket = f"secrets-{uuid.uuid4().hex[:12]}"
     assert call(verify_shards, f"s3://{bucket}/x", "--storage-options", options[:-1]) == 2
-    assert call(verify_shards, f"s3://{bucket}/x", "--storage-options",
-                json.dumps({**s3_server.storage_options, "no_such_option": secret})) == 2
+    assert (
+        call(
+            verify_shards,
+            f"s3://{bucket}/x",
+            "--storage-options",
+            json.dumps({**s3_server.storage_options, "no_such_option": secret}),
+        )
+        == 2
+    )
     src = write_shards(tmp_path / "src", [[("s_000", {"png": png(0), "cls": b"1"})]])
-    assert call(inject_noise, src, "--out", f"s3://{bucket}/missing-bucket/out", *SPEC_ARGS,
-                "--storage-options", options) == 2
+    assert (
+        call(inject_noise, src, "--out", f"s3://{bucket}/missing-bucket/out", *SPEC_ARGS, "--storage-options", options)
+        == 2
+    )
     captured = capsys.readouterr()
     assert captured.err.count("error: ") == 3, captured.err
     assert secret not in captured.out + captured.err

@@ -73,25 +73,34 @@ def batch_of(classes, given, clean, k=2):
     """A collated label-correction batch whose images each hold their class."""
     classes = torch.tensor(classes, dtype=torch.float32)
     plain = classes[:, None, None, None].expand(-1, 1, 2, 2).clone()
-    return {"image": {"plain": plain, "views": plain[:, None].expand(-1, k, -1, -1, -1).clone()},
-            "label": torch.tensor(given), "clean_label": torch.tensor(clean), "key": [str(c) for c in given]}
+    return {
+        "image": {"plain": plain, "views": plain[:, None].expand(-1, k, -1, -1, -1).clone()},
+        "label": torch.tensor(given),
+        "clean_label": torch.tensor(clean),
+        "key": [str(c) for c in given],
+    }
 
 
 def context(lockstep=False, reduce_sum=lambda t: t):
-    return EvalContext(lambda t: t, contextlib.nullcontext, reduce_sum, lockstep=lockstep,
-                       idle_input=torch.zeros(1, 1, 2, 2))
+    return EvalContext(
+        lambda t: t, contextlib.nullcontext, reduce_sum, lockstep=lockstep, idle_input=torch.zeros(1, 1, 2, 2)
+    )
 
 
 def test_label_correction_counts_whole_batches_up_to_max_samples():
-    batches = [batch_of([0, 1, 2], [0, 1, 3], [0, 1, 2]),  # 2 clean right, 1 mislabeled right
-               batch_of([3, 0], [3, 1], [3, -1]),  # 1 clean right, 1 unknown (not counted)
-               batch_of([1], [1], [1])]  # never read: 4 samples counted before it
+    batches = [
+        batch_of([0, 1, 2], [0, 1, 3], [0, 1, 2]),  # 2 clean right, 1 mislabeled right
+        batch_of([3, 0], [3, 1], [3, -1]),  # 1 clean right, 1 unknown (not counted)
+        batch_of([1], [1], [1]),
+    ]  # never read: 4 samples counted before it
     read = []
     result = label_correction({"student": Recorder()}, (read.append(b) or b for b in batches), context(), 4)
     assert len(read) == 2
     assert result["counts"] == {"clean": 3, "mislabeled": 1}
-    assert result["student"] == {PLAIN: {"clean": 100.0, "mislabeled": 100.0},
-                                 VIEWS: {"clean": 100.0, "mislabeled": 100.0}}
+    assert result["student"] == {
+        PLAIN: {"clean": 100.0, "mislabeled": 100.0},
+        VIEWS: {"clean": 100.0, "mislabeled": 100.0},
+    }
 
 
 def test_an_idle_rank_runs_the_forwards_of_a_real_batch():

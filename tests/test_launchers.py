@@ -50,8 +50,11 @@ def test_pytorchjob_is_elastic_and_runs_torchrun():
 
 
 def test_hostfile_example_format():
-    lines = [line for line in (REPO / "launchers/hostfile.example").read_text().splitlines()
-             if line.strip() and not line.startswith("#")]
+    lines = [
+        line
+        for line in (REPO / "launchers/hostfile.example").read_text().splitlines()
+        if line.strip() and not line.startswith("#")
+    ]
     assert len(lines) >= 2
     for line in lines:
         host, slots = line.split()

@@ -35,8 +35,7 @@ TOOL = REPO / "tools" / "make_shards.py"
 FMNIST_DIR = Path("/usr/share/datasets/fashion-mnist")
 SHARD_NAME = re.compile(r"^(train|test)-(\d{6})\.tar$")
 
-CIFAR10_NAMES = ["airplane", "automobile", "bird", "cat", "deer",
-                 "dog", "frog", "horse", "ship", "truck"]
+CIFAR10_NAMES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
 
 
 # ----------------------------------------------------------------------------- helpers
@@ -45,8 +44,9 @@ CIFAR10_NAMES = ["airplane", "automobile", "bird", "cat", "deer",
 def run_script(*args, check: bool = False, timeout: float = 180) -> subprocess.CompletedProcess:
     """Run ``python tools/make_shards.py ARGS`` as a user would, from the repo root, in a
     fresh interpreter."""
-    proc = subprocess.run([sys.executable, str(TOOL), *map(str, args)], cwd=REPO,
-                          capture_output=True, text=True, timeout=timeout)
+    proc = subprocess.run(
+        [sys.executable, str(TOOL), *map(str, args)], cwd=REPO, capture_output=True, text=True, timeout=timeout
+    )
     if check:
         assert proc.returncode == 0, f"make_shards failed ({proc.returncode}):\n{proc.stderr}"
     return proc
@@ -154,7 +154,7 @@ def read_idx_gz(path: Path) -> np.ndarray:
     """Independent idx reader for the real files (header: 4-byte magic + 4 bytes per dim)."""
     data = gzip.decompress(path.read_bytes())
     ndim = data[3]
-    dims = struct.unpack(f">{ndim}I", data[4:4 + 4 * ndim])
+    dims = struct.unpack(f">{ndim}I", data[4 : 4 + 4 * ndim])
     return np.frombuffer(data, dtype=np.uint8, offset=4 + 4 * ndim).reshape(dims)
 
 
@@ -200,9 +200,10 @@ def make_cifar10_fixture(root: Path, per_batch: int = 3, n_test: int = 4, seed: 
     rng = np.random.default_rng(seed)
     folder = root / "cifar-10-batches-py"
     folder.mkdir(parents=True)
-    _pickle(folder / "batches.meta", {b"num_cases_per_batch": per_batch,
-                                      b"label_names": [n.encode() for n in CIFAR10_NAMES],
-                                      b"num_vis": 3072})
+    _pickle(
+        folder / "batches.meta",
+        {b"num_cases_per_batch": per_batch, b"label_names": [n.encode() for n in CIFAR10_NAMES], b"num_vis": 3072},
+    )
     train_images, train_labels = [], []
     batches = [(f"data_batch_{i}", per_batch, f"training batch {i} of 5") for i in range(1, 6)]
     batches.append(("test_batch", n_test, "testing batch 1 of 1"))
@@ -211,9 +212,15 @@ def make_cifar10_fixture(root: Path, per_batch: int = 3, n_test: int = 4, seed: 
         images = cifar_images(rng, n, b)
         labels = [int(v) for v in rng.integers(0, 10, size=n)]
         labels[0] = 9 if b % 2 else 0  # both ends of the label range occur
-        _pickle(folder / name, {b"batch_label": batch_label.encode(), b"labels": labels,
-                                b"data": cifar_rows(images),
-                                b"filenames": [f"img_{b}_{i}.png".encode() for i in range(n)]})
+        _pickle(
+            folder / name,
+            {
+                b"batch_label": batch_label.encode(),
+                b"labels": labels,
+                b"data": cifar_rows(images),
+                b"filenames": [f"img_{b}_{i}.png".encode() for i in range(n)],
+            },
+        )
         if name == "test_batch":
             test = (images, np.array(labels))
         else:
@@ -230,18 +237,28 @@ def make_cifar100_fixture(root: Path, n_train: int = 12, n_test: int = 5, seed: 
     folder = root / "cifar-100-python"
     folder.mkdir(parents=True)
     fine_names = [f"fine_{i:02d}" for i in range(100)]
-    _pickle(folder / "meta", {b"fine_label_names": [n.encode() for n in fine_names],
-                              b"coarse_label_names": [f"coarse_{i:02d}".encode() for i in range(20)]})
+    _pickle(
+        folder / "meta",
+        {
+            b"fine_label_names": [n.encode() for n in fine_names],
+            b"coarse_label_names": [f"coarse_{i:02d}".encode() for i in range(20)],
+        },
+    )
     out = {"dir": folder, "fine_names": fine_names}
     for b, (split, n) in enumerate((("train", n_train), ("test", n_test))):
         images = cifar_images(rng, n, b)
         fine = [int(v) for v in rng.integers(0, 100, size=n)]
         fine[0], fine[1] = 0, 99
-        _pickle(folder / split, {b"filenames": [f"{split}_{i}.png".encode() for i in range(n)],
-                                 b"batch_label": f"{split} batch 1 of 1".encode(),
-                                 b"fine_labels": fine,
-                                 b"coarse_labels": [CIFAR100_COARSE_LABELS[f] for f in fine],
-                                 b"data": cifar_rows(images)})
+        _pickle(
+            folder / split,
+            {
+                b"filenames": [f"{split}_{i}.png".encode() for i in range(n)],
+                b"batch_label": f"{split} batch 1 of 1".encode(),
+                b"fine_labels": fine,
+                b"coarse_labels": [CIFAR100_COARSE_LABELS[f] for f in fine],
+                b"data": cifar_rows(images),
+            },
+        )
         out[split] = (images, np.array(fine))
     return out
 
@@ -279,8 +296,7 @@ def test_full_fashion_mnist_via_cli(tmp_path):
         # Samples are in idx order: the i-th sample is idx index i.
         np.testing.assert_array_equal(labels_of(samples), labels)
         np.testing.assert_array_equal(labels_of(samples, "clean.cls"), labels)
-        np.testing.assert_array_equal(np.bincount(labels_of(samples), minlength=10),
-                                      manifest["class_counts"])
+        np.testing.assert_array_equal(np.bincount(labels_of(samples), minlength=10), manifest["class_counts"])
 
         # Pixels of every sample (about 1.5 s for all 70,000).
         decoded = np.empty_like(images)
@@ -319,8 +335,13 @@ def test_determinism_byte_identical(tmp_path):
                 # Nothing time- or user-dependent inside, so a later run cannot differ.
                 with tarfile.open(a) as tar:
                     for member in tar.getmembers():
-                        assert (member.mtime, member.uid, member.gid, member.uname, member.gname) \
-                            == (0, 0, 0, "", ""), member.name
+                        assert (member.mtime, member.uid, member.gid, member.uname, member.gname) == (
+                            0,
+                            0,
+                            0,
+                            "",
+                            "",
+                        ), member.name
 
 
 # ----------------------------------------------------------------------------- 3. CIFAR
@@ -355,8 +376,8 @@ def test_cifar10(tmp_path, src_is_inner_folder):
     _, samples = read_split(out / "train")
     first = np.asarray(decode(samples[0][1]["png"]))
     assert first[0, 0].tolist() == [0, 0, 17]
-    assert first[3, 0].tolist() == [24, 0, 17]   # down the rows: red
-    assert first[0, 5].tolist() == [0, 40, 17]   # along the columns: green
+    assert first[3, 0].tolist() == [24, 0, 17]  # down the rows: red
+    assert first[0, 5].tolist() == [0, 40, 17]  # along the columns: green
     # Train samples follow data_batch_1..5: the first image of data_batch_2 is sample 3.
     second = np.asarray(decode(samples[3][1]["png"]))
     assert second[31, 31].tolist() == [248, 248, 18]
@@ -393,8 +414,7 @@ def test_folder_copies_bytes_and_sorted_labels(tmp_path):
     for cls, names in layout.items():
         (src / cls).mkdir(parents=True)
         for name in names:
-            pixels = rng.integers(0, 256, size=(int(rng.integers(5, 20)), int(rng.integers(5, 20)), 3),
-                                  dtype=np.uint8)
+            pixels = rng.integers(0, 256, size=(int(rng.integers(5, 20)), int(rng.integers(5, 20)), 3), dtype=np.uint8)
             fmt = "JPEG" if name.lower().endswith((".jpg", ".jpeg")) else "PNG"
             Image.fromarray(pixels).save(src / cls / name, format=fmt)
         (src / cls / "notes.txt").write_text("not an image")
@@ -406,8 +426,7 @@ def test_folder_copies_bytes_and_sorted_labels(tmp_path):
     classes = sorted(layout)
     assert classes == ["Zebra", "apple", "cat"]
     assert manifest["classes"] == classes and manifest["num_classes"] == 3
-    expected = [(classes.index(cls), src / cls / name)
-                for cls in classes for name in sorted(layout[cls])]
+    expected = [(classes.index(cls), src / cls / name) for cls in classes for name in sorted(layout[cls])]
     assert manifest["num_samples"] == len(expected) == 5
     assert manifest["class_counts"] == [1, 2, 2]
     for (label, path), (key, fields) in zip(expected, samples):
@@ -433,9 +452,23 @@ def _wds_samples(split_dir: Path) -> list[dict]:
 def test_baked_noise_matches_apply_noise(tmp_path):
     fx = make_fmnist_fixture(tmp_path / "src", n_train=3000, n_test=400, seed=5)
     out = tmp_path / "out"
-    proc = run_cli("fashion-mnist", "--src", tmp_path / "src", "--out", out, "--shard-size", 1000,
-                   "--noise-type", "symmetric", "--noise-rate", 0.4, "--noise-seed", 3, "--quiet",
-                   check=True)
+    proc = run_cli(
+        "fashion-mnist",
+        "--src",
+        tmp_path / "src",
+        "--out",
+        out,
+        "--shard-size",
+        1000,
+        "--noise-type",
+        "symmetric",
+        "--noise-rate",
+        0.4,
+        "--noise-seed",
+        3,
+        "--quiet",
+        check=True,
+    )
     spec = {"type": "symmetric", "rate": 0.4, "seed": 3}
 
     manifest, samples = read_split(out / "train")
@@ -471,9 +504,25 @@ def test_baked_noise_matches_apply_noise(tmp_path):
 def test_noise_split_option_noises_test_too(tmp_path):
     make_fmnist_fixture(tmp_path / "src", n_train=20, n_test=400, seed=6)
     out = tmp_path / "out"
-    run_cli("fashion-mnist", "--src", tmp_path / "src", "--out", out, "--split", "test",
-            "--noise-type", "symmetric_exclusive", "--noise-rate", 0.5, "--noise-seed", 1,
-            "--noise-split", "train,test", "--quiet", check=True)
+    run_cli(
+        "fashion-mnist",
+        "--src",
+        tmp_path / "src",
+        "--out",
+        out,
+        "--split",
+        "test",
+        "--noise-type",
+        "symmetric_exclusive",
+        "--noise-rate",
+        0.5,
+        "--noise-seed",
+        1,
+        "--noise-split",
+        "train,test",
+        "--quiet",
+        check=True,
+    )
     assert not (out / "train").exists()
     manifest, samples = read_split(out / "test")
     noisy, clean = labels_of(samples), labels_of(samples, "clean.cls")
@@ -508,8 +557,9 @@ def test_refuses_overwrite_without_force(tmp_path):
 
     # --force works, and stale shards from the earlier, finer sharding are gone.
     fx = make_fmnist_fixture(tmp_path / "src2", n_train=30, n_test=6)
-    proc = run_cli("fashion-mnist", "--src", tmp_path / "src2", "--out", out, "--quiet",
-                   "--shard-size", 100, "--force", check=True)
+    proc = run_cli(
+        "fashion-mnist", "--src", tmp_path / "src2", "--out", out, "--quiet", "--shard-size", 100, "--force", check=True
+    )
     for split, n in (("train", 30), ("test", 6)):
         manifest, samples = read_split(out / split)  # checks disk == manifest exactly
         assert [s["name"] for s in manifest["shards"]] == [f"{split}-000000.tar"]
@@ -520,15 +570,17 @@ def test_refuses_overwrite_without_force(tmp_path):
 def test_missing_idx_files(tmp_path):
     src, out = tmp_path / "empty", tmp_path / "out"
     src.mkdir()
-    assert_clean_error(run_cli("fashion-mnist", "--src", src, "--out", out, "--quiet"),
-                       str(src / "train-images-idx3-ubyte"))
+    assert_clean_error(
+        run_cli("fashion-mnist", "--src", src, "--out", out, "--quiet"), str(src / "train-images-idx3-ubyte")
+    )
     assert not list(out.rglob("*.tar"))
 
     make_fmnist_fixture(tmp_path / "partial")
     (tmp_path / "partial" / "t10k-images-idx3-ubyte.gz").unlink()
-    assert_clean_error(run_cli("fashion-mnist", "--src", tmp_path / "partial", "--out", out,
-                               "--split", "test", "--quiet"),
-                       str(tmp_path / "partial" / "t10k-images-idx3-ubyte"))
+    assert_clean_error(
+        run_cli("fashion-mnist", "--src", tmp_path / "partial", "--out", out, "--split", "test", "--quiet"),
+        str(tmp_path / "partial" / "t10k-images-idx3-ubyte"),
+    )
     assert not list(out.rglob("*.tar"))
 
 
@@ -536,30 +588,37 @@ def test_missing_cifar_batch(tmp_path):
     fx = make_cifar10_fixture(tmp_path / "src")
     (fx["dir"] / "data_batch_3").unlink()
     out = tmp_path / "out"
-    assert_clean_error(run_cli("cifar10", "--src", tmp_path / "src", "--out", out,
-                               "--split", "train", "--quiet"),
-                       str(fx["dir"] / "data_batch_3"))
+    assert_clean_error(
+        run_cli("cifar10", "--src", tmp_path / "src", "--out", out, "--split", "train", "--quiet"),
+        str(fx["dir"] / "data_batch_3"),
+    )
     assert not list(out.rglob("*.tar"))
 
     fx = make_cifar100_fixture(tmp_path / "src100")
     (fx["dir"] / "test").unlink()
-    assert_clean_error(run_cli("cifar100", "--src", tmp_path / "src100", "--out", out,
-                               "--split", "test", "--quiet"),
-                       str(fx["dir"] / "test"))
+    assert_clean_error(
+        run_cli("cifar100", "--src", tmp_path / "src100", "--out", out, "--split", "test", "--quiet"),
+        str(fx["dir"] / "test"),
+    )
 
     # No batches at all: says where it looked.
     (tmp_path / "nothing").mkdir()
-    assert_clean_error(run_cli("cifar10", "--src", tmp_path / "nothing", "--out", out, "--quiet"),
-                       "cifar-10-batches-py")
+    assert_clean_error(
+        run_cli("cifar10", "--src", tmp_path / "nothing", "--out", out, "--quiet"), "cifar-10-batches-py"
+    )
 
 
 def _idx_bytes(array: np.ndarray) -> bytes:
-    return (struct.pack(">HBB", 0, 8, array.ndim) + struct.pack(f">{array.ndim}I", *array.shape)
-            + array.astype(np.uint8).tobytes())
+    return (
+        struct.pack(">HBB", 0, 8, array.ndim)
+        + struct.pack(f">{array.ndim}I", *array.shape)
+        + array.astype(np.uint8).tobytes()
+    )
 
 
-@pytest.mark.parametrize("damage", ["short_body", "long_body", "truncated_header",
-                                    "truncated_gzip", "not_gzip", "wrong_ndim"])
+@pytest.mark.parametrize(
+    "damage", ["short_body", "long_body", "truncated_header", "truncated_gzip", "not_gzip", "wrong_ndim"]
+)
 def test_bad_idx_file_named(tmp_path, damage):
     src = tmp_path / "src"
     make_fmnist_fixture(src, n_train=10)
@@ -569,7 +628,7 @@ def test_bad_idx_file_named(tmp_path, damage):
         "short_body": lambda: gzip.compress(good[:-1]),
         "long_body": lambda: gzip.compress(good + b"\0" * 28),
         "truncated_header": lambda: gzip.compress(good[:10]),
-        "truncated_gzip": lambda: gzip.compress(good)[:len(gzip.compress(good)) // 2],
+        "truncated_gzip": lambda: gzip.compress(good)[: len(gzip.compress(good)) // 2],
         "not_gzip": lambda: b"this is not gzip data at all",
         "wrong_ndim": lambda: gzip.compress(_idx_bytes(np.zeros((10, 784)))),
     }[damage]()
@@ -614,8 +673,7 @@ def test_fmnist_label_out_of_range(tmp_path):
     assert_clean_error(proc, "label 10 ")
 
 
-@pytest.mark.parametrize("dataset,split", [("fashion-mnist", "val"), ("cifar10", "validation"),
-                                           ("folder", "test")])
+@pytest.mark.parametrize("dataset,split", [("fashion-mnist", "val"), ("cifar10", "validation"), ("folder", "test")])
 def test_wrong_split(tmp_path, dataset, split):
     src = tmp_path / "src"
     if dataset == "fashion-mnist":
@@ -634,8 +692,10 @@ def test_wrong_split(tmp_path, dataset, split):
 def test_cifar_requires_src_and_rejects_bad_shard_size(tmp_path):
     assert_clean_error(run_cli("cifar10", "--out", tmp_path / "out"), "--src")
     make_fmnist_fixture(tmp_path / "src")
-    assert_clean_error(run_cli("fashion-mnist", "--src", tmp_path / "src", "--out", tmp_path / "out",
-                               "--shard-size", 0), "--shard-size")
+    assert_clean_error(
+        run_cli("fashion-mnist", "--src", tmp_path / "src", "--out", tmp_path / "out", "--shard-size", 0),
+        "--shard-size",
+    )
     proc = run_cli("imagenet", "--out", tmp_path / "out")
     assert proc.returncode == 2 and "invalid choice" in proc.stderr
 

@@ -54,8 +54,14 @@ def ok(*args) -> dict[str, dict]:
 
 def run_cli(*args, env=None) -> subprocess.CompletedProcess:
     """The real command line in a fresh interpreter."""
-    proc = subprocess.run([sys.executable, str(TOOL), *map(str, args), "--quiet"], cwd=REPO,
-                          capture_output=True, text=True, timeout=120, env={**os.environ, **(env or {})})
+    proc = subprocess.run(
+        [sys.executable, str(TOOL), *map(str, args), "--quiet"],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={**os.environ, **(env or {})},
+    )
     assert proc.returncode == 0, proc.stderr
     return proc
 
@@ -119,8 +125,7 @@ def decode(data: bytes) -> Image.Image:
 
 def snapshot(folder: Path) -> dict[str, tuple[bytes, int, int]]:
     """name -> (bytes, mtime_ns, inode) of every file: a rewritten file shows."""
-    return {p.name: (p.read_bytes(), p.stat().st_mtime_ns, p.stat().st_ino)
-            for p in folder.iterdir() if p.is_file()}
+    return {p.name: (p.read_bytes(), p.stat().st_mtime_ns, p.stat().st_ino) for p in folder.iterdir() if p.is_file()}
 
 
 def contents(folder: Path) -> dict[str, bytes]:
@@ -185,8 +190,23 @@ def test_webvision_classes_option_and_resize(tmp_path, webvision_tree):
     tree = webvision_tree
     out = tmp_path / "out"
     px = 48
-    ok("webvision", "--src", tree.root, "--out", out, "--split", "train", "--classes", 4,
-       "--resize-shorter", px, "--jpeg-quality", 80, "--shard-size", 4)
+    ok(
+        "webvision",
+        "--src",
+        tree.root,
+        "--out",
+        out,
+        "--split",
+        "train",
+        "--classes",
+        4,
+        "--resize-shorter",
+        px,
+        "--jpeg-quality",
+        80,
+        "--shard-size",
+        4,
+    )
     kept = [(path, label) for path, label in tree.train if label < 4]
     manifest, samples = read_split(out / "train")
     assert manifest["classes"] == tree.wnids[:4] and manifest["num_classes"] == 4
@@ -214,8 +234,7 @@ def test_webvision_classes_option_and_resize(tmp_path, webvision_tree):
         if tree.odd.get(path) == "grey":
             assert image.mode == "L"
     assert 0 < resized < len(kept)
-    assert manifest["images"] == {"resize_shorter": px, "jpeg_quality": 80, "resized": resized,
-                                  "reencoded": reencoded}
+    assert manifest["images"] == {"resize_shorter": px, "jpeg_quality": 80, "resized": resized, "reencoded": reencoded}
 
 
 @pytest.mark.slow
@@ -258,8 +277,19 @@ def test_imagenet_val_flat_and_synset_folders(tmp_path, webvision_tree):
     assert results["a"] == results["b"]  # same images, same shards but for the recorded path
 
     # --classes: only the first synsets; --devkit given explicitly.
-    ok("imagenet-val", "--src", flat.root, "--webvision-info", info, "--devkit", flat.devkit,
-       "--classes", 2, "--out", tmp_path / "c")
+    ok(
+        "imagenet-val",
+        "--src",
+        flat.root,
+        "--webvision-info",
+        info,
+        "--devkit",
+        flat.devkit,
+        "--classes",
+        2,
+        "--out",
+        tmp_path / "c",
+    )
     manifest, samples = read_split(tmp_path / "c" / "val")
     assert manifest["classes"] == wnids[:2]
     assert [int(f["cls"]) for _, f in samples] == [label for _, label in expected if label < 2]
@@ -274,30 +304,42 @@ def test_imagenet_val_bad_data(tmp_path, webvision_tree):
     truth.write_text("\n".join(lines) + "\n")
     (flat.root / "ILSVRC2012_val_00000002.JPEG").unlink()
     args = ["imagenet-val", "--src", flat.root, "--webvision-info", info]
-    fails(*args, "--out", tmp_path / "out", needles=["ILSVRC2012_val_00000003.JPEG", "1001",
-                                                           "ILSVRC2012_val_00000002.JPEG", "missing file",
-                                                           "--skip-bad"])
+    fails(
+        *args,
+        "--out",
+        tmp_path / "out",
+        needles=["ILSVRC2012_val_00000003.JPEG", "1001", "ILSVRC2012_val_00000002.JPEG", "missing file", "--skip-bad"],
+    )
     assert not (tmp_path / "out").exists()
     ok(*args, "--out", tmp_path / "out", "--skip-bad")
     manifest, samples = read_split(tmp_path / "out" / "val")
     assert [int(f["cls"]) for _, f in samples] == [0, 3]
-    assert sorted(s["path"] for s in manifest["skipped"]["samples"]) == \
-        ["ILSVRC2012_val_00000002.JPEG", "ILSVRC2012_val_00000003.JPEG"]
+    assert sorted(s["path"] for s in manifest["skipped"]["samples"]) == [
+        "ILSVRC2012_val_00000002.JPEG",
+        "ILSVRC2012_val_00000003.JPEG",
+    ]
 
     # Synset folders: the same image in two folders is a duplicate (ambiguous label).
     folders = copy_as_folders(make_imagenet_val(tmp_path / "f0", [wnids[0], wnids[1]], wnids), tmp_path / "f")
     (folders.root / wnids[2]).mkdir()
     (folders.root / wnids[2] / "ILSVRC2012_val_00000001.JPEG").write_bytes(b"")
-    fails("imagenet-val", "--src", folders.root, "--webvision-info", info, "--out", tmp_path / "o2",
-          needles=[f"{wnids[2]}/ILSVRC2012_val_00000001.JPEG", "duplicate"])
+    fails(
+        "imagenet-val",
+        "--src",
+        folders.root,
+        "--webvision-info",
+        info,
+        "--out",
+        tmp_path / "o2",
+        needles=[f"{wnids[2]}/ILSVRC2012_val_00000001.JPEG", "duplicate"],
+    )
 
 
 # ----------------------------------------------------------------------------- resuming
 
 
 def test_resume_after_interruption_rewrites_only_what_is_missing(tmp_path, webvision_tree):
-    args = ["webvision", "--src", webvision_tree.root, "--split", "train", "--resize-shorter", 40,
-            "--shard-size", 3]
+    args = ["webvision", "--src", webvision_tree.root, "--split", "train", "--resize-shorter", 40, "--shard-size", 3]
     ok(*args, "--out", tmp_path / "clean")
     clean = contents(tmp_path / "clean" / "train")
     n_shards = len([n for n in clean if n.endswith(".tar")])
@@ -416,8 +458,11 @@ def test_bad_listing_found_before_writing(tmp_path, damage):
     manifest, samples = read_split(tmp_path / "out" / "train")
     assert manifest["skipped"]["count"] == 1
     entry = manifest["skipped"]["samples"][0]
-    assert (victim in entry["path"]) if damage != "malformed_line" else ("line 2" in entry["reason"]
-                                                                        or ":2" in entry["path"])
+    assert (
+        (victim in entry["path"])
+        if damage != "malformed_line"
+        else ("line 2" in entry["reason"] or ":2" in entry["path"])
+    )
     assert [k for k, _ in samples] == [f"train_{i:06d}" for i in expected_keys]
     assert manifest["num_samples"] == len(expected_keys) == sum(manifest["class_counts"])
 
@@ -427,15 +472,30 @@ def test_option_errors(tmp_path, webvision_tree):
     fails("cifar10", "--src", tmp_path, "--out", tmp_path / "o", "--classes", 5, needles=["--classes"])
     fails("imagenet-val", "--src", tmp_path, "--out", tmp_path / "o", needles=["--webvision-info"])
     fails("webvision", "--src", src, "--out", tmp_path / "o", "--classes", 61, needles=["--classes 61", "60"])
-    fails("webvision", "--src", src, "--out", tmp_path / "o", "--storage-options", "{nope",
-          needles=["--storage-options"])
+    fails(
+        "webvision", "--src", src, "--out", tmp_path / "o", "--storage-options", "{nope", needles=["--storage-options"]
+    )
     fails("webvision", "--src", src, "--out", tmp_path / "o", "--split", "test", needles=["train, val"])
-    fails("webvision", "--src", tmp_path / "nothing", "--out", tmp_path / "o",
-          needles=[str(tmp_path / "nothing" / "info" / "synsets.txt")])
+    fails(
+        "webvision",
+        "--src",
+        tmp_path / "nothing",
+        "--out",
+        tmp_path / "o",
+        needles=[str(tmp_path / "nothing" / "info" / "synsets.txt")],
+    )
     (tmp_path / "no_images" / "info").mkdir(parents=True)
     (tmp_path / "no_images" / "info" / "synsets.txt").write_text("n01440764 tench, Tinca tinca\n")
-    fails("webvision", "--src", tmp_path / "no_images", "--out", tmp_path / "o", "--classes", 1,
-          needles=[str(tmp_path / "no_images" / "google")])
+    fails(
+        "webvision",
+        "--src",
+        tmp_path / "no_images",
+        "--out",
+        tmp_path / "o",
+        "--classes",
+        1,
+        needles=[str(tmp_path / "no_images" / "google")],
+    )
     assert not (tmp_path / "o").exists()
 
 
@@ -483,8 +543,9 @@ def _check_s3_output(tmp_path, webvision_tree, s3_server, monkeypatch, fs, url):
     manifest_before = fs.cat_file(f"{url}/train/manifest.json")
     fs.rm_file(f"{url}/train/train-000001.tar")
     writes = []
-    monkeypatch.setattr(Location, "write_text",
-                        lambda self, name, text: (writes.append(name), real_write(self, name, text)))
+    monkeypatch.setattr(
+        Location, "write_text", lambda self, name, text: (writes.append(name), real_write(self, name, text))
+    )
     ok(*args, "--out", url, *storage, "--split", "train")
     assert puts == ["train-000001.tar"] and "manifest.json" not in writes
     assert fs.cat_file(f"{url}/train/train-000001.tar") == contents(tmp_path / "local" / "train")["train-000001.tar"]

@@ -23,8 +23,11 @@ def results(tmp_path, monkeypatch):
     monkeypatch.setattr(sweep, "RUNS", tmp_path / "runs")
 
     def finish(cell, noisy_val=50.0, test=70.0):
-        sweep.write_atomic(sweep.result_path(sweep.cell_name(*cell)),
-                           json.dumps({"noisy_val_top1_last": noisy_val, "test_top1_last": test}))
+        sweep.write_atomic(
+            sweep.result_path(sweep.cell_name(*cell)),
+            json.dumps({"noisy_val_top1_last": noisy_val, "test_top1_last": test}),
+        )
+
     return finish
 
 
@@ -52,8 +55,9 @@ def test_once_selected_every_setting_and_seed_is_planned_once(results):
             results(("sym40", method, index, 0), noisy_val=50.0 + index * (method == "nrd"))
     cells = sweep.plan()
     assert len(cells) == len(set(cells)) == 59
-    final = Counter((setting, method) for setting, method, index, _ in cells
-                    if index == sweep.selected_grid_index(method))
+    final = Counter(
+        (setting, method) for setting, method, index, _ in cells if index == sweep.selected_grid_index(method)
+    )
     for setting in sweep.SETTINGS:
         for method in sweep.GRIDS:
             assert final[setting, method] == (3 if setting in ("sym40", "sym60") else 1), (setting, method)
@@ -99,8 +103,10 @@ def test_diagnose_retrains_a_missing_run_folder_and_checks_it_reproduces(results
     def fake_command(*c):
         ran.append(c)
         run = sweep.RUNS / name
-        make = (f"import pathlib; pathlib.Path({str(run / 'checkpoints')!r}).mkdir(parents=True, exist_ok=True); "
-                f"pathlib.Path({str(run / 'summary.json')!r}).write_text('{{}}')")
+        make = (
+            f"import pathlib; pathlib.Path({str(run / 'checkpoints')!r}).mkdir(parents=True, exist_ok=True); "
+            f"pathlib.Path({str(run / 'summary.json')!r}).write_text('{{}}')"
+        )
         return [sys.executable, "-c", make]
 
     rerun_numbers = {"test_top1_last": 48.75, "noisy_val_top1_last": 25.9, "test_ece_last": None, "commit": "abc"}
@@ -141,8 +147,9 @@ def test_diagnose_runs_both_tools_on_each_finished_ce_and_nrd_cell_once(results,
     shutil.copytree(nrd_run, sweep.RUNS / name, ignore=shutil.ignore_patterns("diag", "ranking"))
     monkeypatch.setattr(sweep, "DIAGNOSED", tmp_path / "diagnosed")
     monkeypatch.setattr(sweep, "DIAGNOSE_VIEWS", 2)  # 10 in the sweep; what is tested is the wiring
-    monkeypatch.setattr(sweep, "plan", lambda: [("sym40", "ce", 0, 0), ("sym40", "gjs", 0, 0), cell,
-                                                 ("sym40", "nrd", 0, 1)])
+    monkeypatch.setattr(
+        sweep, "plan", lambda: [("sym40", "ce", 0, 0), ("sym40", "gjs", 0, 0), cell, ("sym40", "nrd", 0, 1)]
+    )
 
     assert sweep.cmd_diagnose(None) == 0
     assert sorted(p.name for p in sweep.DIAGNOSED.glob("*.json")) == [f"{name}.json"]
@@ -153,8 +160,10 @@ def test_diagnose_runs_both_tools_on_each_finished_ce_and_nrd_cell_once(results,
     ranking = report["find_mislabeled"]
     assert ranking["command"].startswith("tools/find_mislabeled.py ") and 0.0 <= ranking["auroc"] <= 1.0
     assert ranking["at_k"] and ranking["mislabeled"] > 0  # 40% noise: the ranking has positives
-    assert {p.name for p in sweep.DIAGNOSED.glob("*.png")} == \
-        {f"{name}-log_likelihood_student.png", f"{name}-log_likelihood_teacher.png"}
+    assert {p.name for p in sweep.DIAGNOSED.glob("*.png")} == {
+        f"{name}-log_likelihood_student.png",
+        f"{name}-log_likelihood_teacher.png",
+    }
 
     def must_not_run(*args, **kwargs):
         raise AssertionError(f"a finished diagnosis ran again: {args}")
@@ -197,17 +206,28 @@ def test_a_rerun_uses_the_thread_count_its_cell_recorded(results, monkeypatch, r
     records its environment (what is tested is the hand-over)."""
     cell = ("sym40", "nrd", 0, 1)
     name = sweep.cell_name(*cell)
-    sweep.write_atomic(sweep.result_path(name), json.dumps(
-        {"test_top1_last": 1.0, "noisy_val_top1_last": 1.0, "test_ece_last": 0.1,
-         **({"omp_num_threads": recorded} if recorded else {})}))
+    sweep.write_atomic(
+        sweep.result_path(name),
+        json.dumps(
+            {
+                "test_top1_last": 1.0,
+                "noisy_val_top1_last": 1.0,
+                "test_ece_last": 0.1,
+                **({"omp_num_threads": recorded} if recorded else {}),
+            }
+        ),
+    )
     seen = sweep.RUNS / "threads.txt"
 
     def fake_command(*c):
         run = sweep.RUNS / name
-        return [sys.executable, "-c",
-                f"import os, pathlib; pathlib.Path({str(run / 'checkpoints')!r}).mkdir(parents=True); "
-                f"pathlib.Path({str(run / 'summary.json')!r}).write_text('{{}}'); "
-                f"pathlib.Path({str(seen)!r}).write_text(os.environ.get('OMP_NUM_THREADS', 'unset'))"]
+        return [
+            sys.executable,
+            "-c",
+            f"import os, pathlib; pathlib.Path({str(run / 'checkpoints')!r}).mkdir(parents=True); "
+            f"pathlib.Path({str(run / 'summary.json')!r}).write_text('{{}}'); "
+            f"pathlib.Path({str(seen)!r}).write_text(os.environ.get('OMP_NUM_THREADS', 'unset'))",
+        ]
 
     monkeypatch.setattr(sweep, "command", fake_command)
     summary = {"test_top1_last": 1.0, "noisy_val_top1_last": 1.0, "test_ece_last": 0.1, "commit": "c"}
@@ -224,8 +244,9 @@ def test_a_cell_records_the_thread_count_it_ran_with(results, monkeypatch):
     """The cell's thread count is what `diagnose` must retrain with; training itself is
     replaced (what is tested is the record)."""
     cell = ("sym40", "ce", 0, 2)
-    monkeypatch.setattr(sweep, "train", lambda *a, **k: {"test_top1_last": 1.0, "noisy_val_top1_last": 1.0,
-                                                          "wall_time_s": 1.0})
+    monkeypatch.setattr(
+        sweep, "train", lambda *a, **k: {"test_top1_last": 1.0, "noisy_val_top1_last": 1.0, "wall_time_s": 1.0}
+    )
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
     assert sweep.run_cell(cell, commit=False)["omp_num_threads"] == 1
     assert json.loads(sweep.result_path(sweep.cell_name(*cell)).read_text())["omp_num_threads"] == 1

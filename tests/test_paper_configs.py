@@ -24,8 +24,17 @@ PAPER_MARKDOWN = REPO.parent / "shared" / "paper" / "README.md"
 
 SETTINGS = ("clean", "sym20", "sym40", "sym60", "sym80", "asym20", "asym40")
 # Loss registry name -> the method's name in the paper's table.
-METHODS = {"ce": "CE", "bs": "BS", "ls": "LS", "sce": "SCE", "gce": "GCE", "nce_rce": "NCE+RCE",
-           "js": "JS", "gjs": "GJS", "nrd": "NRD"}
+METHODS = {
+    "ce": "CE",
+    "bs": "BS",
+    "ls": "LS",
+    "sce": "SCE",
+    "gce": "GCE",
+    "nce_rce": "NCE+RCE",
+    "js": "JS",
+    "gjs": "GJS",
+    "nrd": "NRD",
+}
 DATASETS = {"cifar10": 10, "cifar100": 100}
 
 # method: ([LR, WD] sym 20-80%, [LR, WD] asym 20-40%, one parameter cell per SETTINGS entry).
@@ -36,36 +45,67 @@ TABLE5 = {
         "ce": ((0.05, 1e-3), (0.1, 1e-3), (None,) * 7),
         "bs": ((0.1, 1e-3), (0.1, 1e-3), (0.5, 0.5, 0.7, 0.7, 0.9, 0.7, 0.5)),
         "ls": ((0.1, 5e-4), (0.1, 1e-3), (0.1, 0.5, 0.9, 0.7, 0.1, 0.1, 0.1)),
-        "sce": ((0.01, 5e-4), (0.05, 1e-3),
-                ((0.2, 0.1), (0.05, 0.1), (0.1, 0.1), (0.2, 1.0), (0.1, 1.0), (0.1, 0.1), (0.2, 1.0))),
+        "sce": (
+            (0.01, 5e-4),
+            (0.05, 1e-3),
+            ((0.2, 0.1), (0.05, 0.1), (0.1, 0.1), (0.2, 1.0), (0.1, 1.0), (0.1, 0.1), (0.2, 1.0)),
+        ),
         "gce": ((0.01, 5e-4), (0.1, 1e-3), (0.5, 0.7, 0.7, 0.7, 0.9, 0.1, 0.1)),
-        "nce_rce": ((0.005, 1e-3), (0.05, 1e-4),
-                    ((10, 0.1), (10, 0.1), (10, 0.1), (1.0, 0.1), (10, 1.0), (10, 0.1), (1.0, 0.1))),
+        "nce_rce": (
+            (0.005, 1e-3),
+            (0.05, 1e-4),
+            ((10, 0.1), (10, 0.1), (10, 0.1), (1.0, 0.1), (10, 1.0), (10, 0.1), (1.0, 0.1)),
+        ),
         "js": ((0.01, 5e-4), (0.1, 1e-3), (0.1, 0.7, 0.7, 0.9, 0.9, 0.3, 0.3)),
         "gjs": ((0.1, 5e-4), (0.1, 1e-3), (0.5, 0.3, 0.9, 0.1, 0.1, 0.3, 0.3)),
-        "nrd": ((0.1, 5e-4), (0.1, 1e-3),
-                ((0.2, 0.6, 0.2), (0.2, 0.6, 0.2), (0.2, 0.6, 0.2), (0.25, 0.5, 0.25), (0.25, 0.5, 0.25),
-                 (0.1, 0.8, 0.1), (0.15, 0.7, 0.15))),
+        "nrd": (
+            (0.1, 5e-4),
+            (0.1, 1e-3),
+            (
+                (0.2, 0.6, 0.2),
+                (0.2, 0.6, 0.2),
+                (0.2, 0.6, 0.2),
+                (0.25, 0.5, 0.25),
+                (0.25, 0.5, 0.25),
+                (0.1, 0.8, 0.1),
+                (0.15, 0.7, 0.15),
+            ),
+        ),
     },
     "cifar100": {
         "ce": ((0.4, 1e-4), (0.2, 1e-4), (None,) * 7),
         "bs": ((0.4, 1e-4), (0.4, 1e-4), (0.7, 0.5, 0.5, 0.5, 0.9, 0.3, 0.3)),
         "ls": ((0.2, 5e-5), (0.4, 1e-4), (0.1, 0.7, 0.7, 0.7, 0.9, 0.5, 0.7)),
-        "sce": ((0.2, 1e-4), (0.4, 5e-5),
-                ((0.1, 0.1), (0.1, 0.1), (0.1, 0.1), (0.1, 1.0), (0.1, 0.1), (0.1, 1.0), (0.1, 1.0))),
+        "sce": (
+            (0.2, 1e-4),
+            (0.4, 5e-5),
+            ((0.1, 0.1), (0.1, 0.1), (0.1, 0.1), (0.1, 1.0), (0.1, 0.1), (0.1, 1.0), (0.1, 1.0)),
+        ),
         "gce": ((0.4, 1e-5), (0.2, 1e-4), (0.5, 0.5, 0.5, 0.7, 0.7, 0.7, 0.7)),
-        "nce_rce": ((0.2, 5e-5), (0.2, 5e-5),
-                    ((20, 0.1), (20, 0.1), (20, 0.1), (20, 0.1), (20, 0.1), (20, 0.1), (10, 0.1))),
+        "nce_rce": (
+            (0.2, 5e-5),
+            (0.2, 5e-5),
+            ((20, 0.1), (20, 0.1), (20, 0.1), (20, 0.1), (20, 0.1), (20, 0.1), (10, 0.1)),
+        ),
         "js": ((0.2, 1e-4), (0.1, 1e-4), (0.1, 0.1, 0.3, 0.5, 0.3, 0.5, 0.5)),
         "gjs": ((0.2, 5e-5), (0.4, 1e-4), (0.3, 0.3, 0.5, 0.9, 0.1, 0.5, 0.1)),
-        "nrd": ((0.2, 5e-5), (0.4, 1e-4),
-                ((0.2, 0.6, 0.2), (0.2, 0.6, 0.2), (0.2, 0.6, 0.2), (0.2, 0.6, 0.2), (0.15, 0.7, 0.15),
-                 (0.25, 0.5, 0.25), (0.4, 0.2, 0.4))),
+        "nrd": (
+            (0.2, 5e-5),
+            (0.4, 1e-4),
+            (
+                (0.2, 0.6, 0.2),
+                (0.2, 0.6, 0.2),
+                (0.2, 0.6, 0.2),
+                (0.2, 0.6, 0.2),
+                (0.15, 0.7, 0.15),
+                (0.25, 0.5, 0.25),
+                (0.4, 0.2, 0.4),
+            ),
+        ),
     },
 }
 
-CELLS = [(ds, method, i, setting) for ds in TABLE5 for method in TABLE5[ds]
-         for i, setting in enumerate(SETTINGS)]
+CELLS = [(ds, method, i, setting) for ds in TABLE5 for method in TABLE5[ds] for i, setting in enumerate(SETTINGS)]
 
 
 def close(a, b) -> bool:
@@ -227,8 +267,7 @@ def parse_markdown_table5(markdown: str) -> dict:
         names = {v: k for k, v in METHODS.items()}
         assert cells[0] in names, f"unknown method row {cells[0]!r} in {PAPER_MARKDOWN}"
         assert len(cells) == 3 + len(SETTINGS), line
-        current[names[cells[0]]] = (parse_cell(cells[1]), parse_cell(cells[2]),
-                                    tuple(parse_cell(c) for c in cells[3:]))
+        current[names[cells[0]]] = (parse_cell(cells[1]), parse_cell(cells[2]), tuple(parse_cell(c) for c in cells[3:]))
     return tables
 
 
@@ -254,7 +293,8 @@ def test_transcription_matches_the_relaid_paper_when_present():
         for method, (sym, asym, cells) in rows.items():
             p_sym, p_asym, p_cells = parsed[ds][method]
             for label, ours, theirs in [("LR, WD sym", sym, p_sym), ("LR, WD asym", asym, p_asym)] + [
-                    (setting, c, pc) for setting, c, pc in zip(SETTINGS, cells, p_cells)]:
+                (setting, c, pc) for setting, c, pc in zip(SETTINGS, cells, p_cells)
+            ]:
                 if not same(ours, theirs):
                     mismatches.append(f"{ds} {method} {label}: test {ours} vs markdown {theirs}")
     assert mismatches == []

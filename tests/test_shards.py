@@ -55,8 +55,9 @@ def shards(tmp_path_factory):
     noisy = (clean + 1) % 10  # a visible, known training label
     writer = ShardWriter(out, "train", PER_SHARD)
     for i in range(len(images)):
-        writer.write(f"s{i:04d}", {"png": png(images[i]), "cls": str(noisy[i]).encode(),
-                                   "clean.cls": str(clean[i]).encode()})
+        writer.write(
+            f"s{i:04d}", {"png": png(images[i]), "cls": str(noisy[i]).encode(), "clean.cls": str(clean[i]).encode()}
+        )
     writer.close()
     pattern = str(out / "train-{000000..000002}.tar")
     return {"dir": out, "pattern": pattern, "images": images, "clean": clean, "noisy": noisy}
@@ -66,8 +67,9 @@ def stream(shards, **kw):
     policy = build_policy("fmnist")
     train = kw.pop("train", True)
     transform = TrainViews(policy, kw.pop("with_teacher", True)) if train else policy.eval
-    return ShardStream(expand_urls(shards["pattern"]), transform, num_classes=10, channels=1,
-                       seed=kw.pop("seed", 0), train=train, **kw)
+    return ShardStream(
+        expand_urls(shards["pattern"]), transform, num_classes=10, channels=1, seed=kw.pop("seed", 0), train=train, **kw
+    )
 
 
 def collect(loader, num_batches=None):
@@ -122,9 +124,9 @@ def test_persistent_workers_give_the_same_batches_as_fresh_ones(shards):
     """Persistent workers keep their copy of the stream: the epoch must still reach them
     (shard order, shuffle) and their augmentation RNGs must be reseeded per epoch, or a
     resumed run (fresh workers) would see other batches than the run it continues."""
+
     def epochs(persistent, which):
-        loader = make_loader(stream(shards, shuffle_buffer=20, seed=3), batch_size=5, workers=2,
-                             persistent=persistent)
+        loader = make_loader(stream(shards, shuffle_buffer=20, seed=3), batch_size=5, workers=2, persistent=persistent)
         out = []
         for epoch in which:
             set_epoch(loader, epoch)
@@ -151,8 +153,7 @@ def test_uneven_shards_never_run_dry_and_top_up_deterministically(shards):
     still take the same number of batches (a collective would hang otherwise)."""
     per_rank = []
     for rank in (0, 1):
-        loader = make_loader(stream(shards, rank=rank, world_size=2, seed=5, shuffle_buffer=0), batch_size=4,
-                             workers=2)
+        loader = make_loader(stream(shards, rank=rank, world_size=2, seed=5, shuffle_buffer=0), batch_size=4, workers=2)
         set_epoch(loader, 0)
         _, keys = collect(loader, 12)  # 48 samples per rank: more than rank 1's dealt 30
         per_rank.append(keys)
@@ -176,8 +177,9 @@ def test_resampled_mode_draws_shards(shards):
 def test_ranks_partition_the_shards(shards):
     seen = []
     for rank in (0, 1):
-        loader = make_loader(stream(shards, rank=rank, world_size=2, seed=3, train=False), batch_size=4,
-                             workers=2, drop_last=False)
+        loader = make_loader(
+            stream(shards, rank=rank, world_size=2, seed=3, train=False), batch_size=4, workers=2, drop_last=False
+        )
         set_epoch(loader, 2)
         seen.append(set(collect(loader)[1]))
     assert not seen[0] & seen[1]
@@ -218,8 +220,7 @@ def test_missing_pattern_and_empty_shards(tmp_path, shards):
     s = ShardStream([str(no_samples)], build_policy("fmnist").eval, 10, channels=1, train=False)
     with pytest.raises(ShardError, match="none-000000.tar' holds no samples"):
         list(s)
-    assert expand_urls(str(shards["dir"] / "train-*.tar")) == sorted(
-        str(p) for p in shards["dir"].glob("train-*.tar"))
+    assert expand_urls(str(shards["dir"] / "train-*.tar")) == sorted(str(p) for p in shards["dir"].glob("train-*.tar"))
 
 
 def flip_bit_in_idat(data: bytes) -> bytes:
@@ -244,8 +245,9 @@ def test_bad_samples_are_skipped_and_reported_with_key_and_shard(tmp_path):
         writer.write("k0", fields)
         writer.write("k1", {"png": png(images[1]), "cls": b"3"})
         writer.close()
-        s = ShardStream([str(tmp_path / f"{name}-000000.tar")], build_policy("fmnist").eval, 10,
-                        channels=1, train=False)
+        s = ShardStream(
+            [str(tmp_path / f"{name}-000000.tar")], build_policy("fmnist").eval, 10, channels=1, train=False
+        )
         samples = list(s)
         assert [x["key"] for x in samples] == ["k1"]  # the bad one skipped, the good one kept
         assert re.search(f"bad sample: sample 'k0' in .*{name}-000000.tar.*{message}", samples[0]["bad"])
@@ -259,7 +261,7 @@ def test_a_truncated_shard_is_reported_and_the_stream_goes_on(tmp_path):
             writer.write(f"{name}{i}", {"png": png(images[i]), "cls": str(int(labels[i])).encode()})
         writer.close()
     cut = tmp_path / "cut-000000.tar"
-    cut.write_bytes(cut.read_bytes()[:cut.stat().st_size // 2])  # as a crashed copy leaves it
+    cut.write_bytes(cut.read_bytes()[: cut.stat().st_size // 2])  # as a crashed copy leaves it
     counts = {str(cut): 15, str(tmp_path / "whole-000000.tar"): 15}  # from the manifests, in a run
     s = ShardStream(list(counts), build_policy("fmnist").eval, 10, channels=1, train=False, expected_counts=counts)
     samples = list(s)
@@ -275,8 +277,9 @@ def test_a_stream_of_nothing_but_bad_samples_stops_instead_of_searching_forever(
     for i in range(ShardStream.MAX_BAD_IN_A_ROW):
         writer.write(f"k{i}", {"png": png(images[0]), "cls": b"42"})  # e.g. data.num_classes set too small
     writer.close()
-    s = ShardStream([str(tmp_path / "wrong-000000.tar")], build_policy("fmnist").eval, 10, channels=1, train=True,
-                    shuffle_buffer=0)
+    s = ShardStream(
+        [str(tmp_path / "wrong-000000.tar")], build_policy("fmnist").eval, 10, channels=1, train=True, shuffle_buffer=0
+    )
     with pytest.raises(ShardError, match="bad samples in a row, none usable.*label 42 is out of range"):
         next(iter(s))
 
@@ -285,11 +288,15 @@ def views_by_key(shards, urls=None, workers=0, batch_size=7, seed=0, **kw):
     """key -> (views [K, C, S, S], plain [C, S, S], shard URL) of a per-sample-seeded eval stream."""
     spec = StreamSpec(num_classes=10, channels=1, seed=seed, **kw)
     transform = LabelCorrectionViews(build_policy("fmnist"), views=3)
-    s = ShardStream(urls or expand_urls(shards["pattern"]), transform, spec, train=False, per_sample_seed=True,
-                    with_shard=True)
+    s = ShardStream(
+        urls or expand_urls(shards["pattern"]), transform, spec, train=False, per_sample_seed=True, with_shard=True
+    )
     batches, _ = collect(make_loader(s, batch_size=batch_size, workers=workers, drop_last=False))
-    return {key: (b["image"]["views"][i], b["image"]["plain"][i], b["shard"][i])
-            for b in batches for i, key in enumerate(b["key"])}
+    return {
+        key: (b["image"]["views"][i], b["image"]["plain"][i], b["shard"][i])
+        for b in batches
+        for i, key in enumerate(b["key"])
+    }
 
 
 def test_per_sample_seed_draws_a_samples_views_from_seed_and_key_alone(shards):
@@ -299,8 +306,11 @@ def test_per_sample_seed_draws_a_samples_views_from_seed_and_key_alone(shards):
     reference = views_by_key(shards)
     assert len(reference) == PER_SHARD * NUM_SHARDS
     assert all(shard == urls[int(key[1:]) // PER_SHARD] for key, (_, _, shard) in reference.items())
-    for other in (views_by_key(shards, workers=2, batch_size=16), views_by_key(shards, urls=urls[1:]),
-                  views_by_key(shards, rank=1, world_size=2)):
+    for other in (
+        views_by_key(shards, workers=2, batch_size=16),
+        views_by_key(shards, urls=urls[1:]),
+        views_by_key(shards, rank=1, world_size=2),
+    ):
         assert other and set(other) <= set(reference)
         for key, (views, plain, shard) in other.items():
             assert torch.equal(views, reference[key][0]) and torch.equal(plain, reference[key][1])
@@ -314,6 +324,7 @@ def test_per_sample_seed_draws_a_samples_views_from_seed_and_key_alone(shards):
 def test_per_sample_seed_leaves_the_global_rngs_alone(shards):
     """In the main process (workers=0) a per-sample-seeded stream draws nothing from the
     RNGs the training loop uses; an unseeded one draws its views from them."""
+
     def global_states():
         return torch.get_rng_state(), random.getstate(), np.random.get_state()[1].copy()
 
@@ -322,8 +333,11 @@ def test_per_sample_seed_leaves_the_global_rngs_alone(shards):
     views_by_key(shards)
     after = global_states()
     assert torch.equal(after[0], before[0]) and after[1] == before[1] and (after[2] == before[2]).all()
-    list(ShardStream(expand_urls(shards["pattern"]), LabelCorrectionViews(build_policy("fmnist"), 2), 10,
-                     channels=1, train=False))
+    list(
+        ShardStream(
+            expand_urls(shards["pattern"]), LabelCorrectionViews(build_policy("fmnist"), 2), 10, channels=1, train=False
+        )
+    )
     assert not torch.equal(torch.get_rng_state(), before[0])
 
 
@@ -339,21 +353,34 @@ def test_stream_spec_is_the_keyword_form_and_comes_from_the_config(shards, tmp_p
     with pytest.raises(TypeError):
         ShardStream(urls, build_policy("fmnist").eval, 10, chanels=1)  # a typo is an error, not ignored
 
-    cfg = load_config(REPO / "configs" / "fmnist_demo.yaml", [f"data.train={shards['pattern']}", "run.seed=9",
-                                                              "data.storage={anon: true}"])
+    cfg = load_config(
+        REPO / "configs" / "fmnist_demo.yaml",
+        [f"data.train={shards['pattern']}", "run.seed=9", "data.storage={anon: true}"],
+    )
     spec = StreamSpec.from_config(cfg, rank=1, world_size=2, expected_counts={urls[0]: 30})
-    assert spec == StreamSpec(num_classes=10, channels=1, seed=9, shuffle_buffer=2000,
-                              noise=dataclasses.asdict(cfg.data.noise), rank=1, world_size=2, sampling="epoch",
-                              storage_options={"anon": True}, retries=cfg.data.retries,
-                              retry_backoff_s=cfg.data.retry_backoff_s, expected_counts={urls[0]: 30})
+    assert spec == StreamSpec(
+        num_classes=10,
+        channels=1,
+        seed=9,
+        shuffle_buffer=2000,
+        noise=dataclasses.asdict(cfg.data.noise),
+        rank=1,
+        world_size=2,
+        sampling="epoch",
+        storage_options={"anon": True},
+        retries=cfg.data.retries,
+        retry_backoff_s=cfg.data.retry_backoff_s,
+        expected_counts={urls[0]: 30},
+    )
     assert spec.noise["type"] == "symmetric" and spec.noise["rate"] == 0.4
     assert StreamSpec.from_config(cfg, load_time_noise=False).noise is None
 
 
 def test_manifest_counts_reads_the_manifest_beside_the_shards(tmp_path):
     (tmp_path / "a").mkdir()
-    (tmp_path / "a" / MANIFEST_NAME).write_text(json.dumps({"shards": [{"name": "x-000000.tar", "count": 5},
-                                                                       {"name": "x-000001.tar", "count": 3}]}))
+    (tmp_path / "a" / MANIFEST_NAME).write_text(
+        json.dumps({"shards": [{"name": "x-000000.tar", "count": 5}, {"name": "x-000001.tar", "count": 3}]})
+    )
     (tmp_path / "b").mkdir()  # no manifest: its shards are left out
     (tmp_path / "c").mkdir()
     (tmp_path / "c" / MANIFEST_NAME).write_text("{not json")  # unreadable: left out as well

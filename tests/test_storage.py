@@ -21,9 +21,19 @@ DEMO = REPO / "configs" / "fmnist_demo.yaml"
 
 
 def train_args(train, test, out, *extra):
-    return [DEMO, f"data.train={train}", f"data.val.fmnist_test={test}", f"run.output_dir={out}",
-            "data.batch_size=32", "data.workers=1", "optim.epochs=1", "eval.label_correction_samples=0",
-            "checkpoint.every_steps=0", "log.every_steps=2", *extra]
+    return [
+        DEMO,
+        f"data.train={train}",
+        f"data.val.fmnist_test={test}",
+        f"run.output_dir={out}",
+        "data.batch_size=32",
+        "data.workers=1",
+        "optim.epochs=1",
+        "eval.label_correction_samples=0",
+        "checkpoint.every_steps=0",
+        "log.every_steps=2",
+        *extra,
+    ]
 
 
 def env_without_aws_credentials():
@@ -34,8 +44,14 @@ def env_without_aws_credentials():
 def run(args, env=None, timeout=600):
     import subprocess
 
-    return subprocess.run([sys.executable, "-m", "nrd_dist.train", *map(str, args)], cwd=REPO, capture_output=True,
-                          text=True, timeout=timeout, env=env)
+    return subprocess.run(
+        [sys.executable, "-m", "nrd_dist.train", *map(str, args)],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env=env,
+    )
 
 
 @pytest.fixture(scope="module")
@@ -43,18 +59,25 @@ def s3_shards(s3_server, fmnist_small):
     root = Path(fmnist_small["root"])
     s3_server.upload(root / "train", "s3://nrd-e2e/fmnist/train")
     s3_server.upload(root / "test", "s3://nrd-e2e/fmnist/test")
-    return {"train": "s3://nrd-e2e/fmnist/train/train-*.tar",  # a prefix glob, listed by every rank
-            "test": "s3://nrd-e2e/fmnist/test/test-{000000..000001}.tar"}
+    return {
+        "train": "s3://nrd-e2e/fmnist/train/train-*.tar",  # a prefix glob, listed by every rank
+        "test": "s3://nrd-e2e/fmnist/test/test-{000000..000001}.tar",
+    }
 
 
 @pytest.mark.slow
-def test_training_from_s3_equals_training_from_local_disk_and_leaks_no_secret(s3_server, s3_shards, fmnist_small,
-                                                                               tmp_path):
+def test_training_from_s3_equals_training_from_local_disk_and_leaks_no_secret(
+    s3_server, s3_shards, fmnist_small, tmp_path
+):
     secret = s3_server.storage_options["secret"]
-    storage_cfg = (f"data.storage={{endpoint_url: '{s3_server.endpoint}', key: "
-                   f"'{s3_server.storage_options['key']}', secret: '{secret}'}}")
-    remote = run(train_args(s3_shards["train"], s3_shards["test"], tmp_path / "s3", storage_cfg),
-                 env=env_without_aws_credentials())
+    storage_cfg = (
+        f"data.storage={{endpoint_url: '{s3_server.endpoint}', key: "
+        f"'{s3_server.storage_options['key']}', secret: '{secret}'}}"
+    )
+    remote = run(
+        train_args(s3_shards["train"], s3_shards["test"], tmp_path / "s3", storage_cfg),
+        env=env_without_aws_credentials(),
+    )
     assert remote.returncode == 0, remote.stderr[-3000:]
     local = run_train(train_args(fmnist_small["train"], fmnist_small["test"], tmp_path / "local"))
     assert local.returncode == 0, local.stderr[-3000:]
@@ -95,15 +118,22 @@ def test_denied_access_is_a_clear_error_without_the_secret(fmnist_small, tmp_pat
     server = S3Server(tmp_path / "moto.log")
     server.start(extra_env={"INITIAL_NO_AUTH_ACTION_COUNT": "2"})
     try:
-        client = boto3.client("s3", endpoint_url=server.endpoint, aws_access_key_id="a", aws_secret_access_key="b",
-                              region_name="us-east-1")
+        client = boto3.client(
+            "s3",
+            endpoint_url=server.endpoint,
+            aws_access_key_id="a",
+            aws_secret_access_key="b",
+            region_name="us-east-1",
+        )
         client.create_bucket(Bucket="locked")
         client.put_object(Bucket="locked", Key="train-000000.tar", Body=b"x" * 1024)
         secret = server.storage_options["secret"]
         storage_cfg = f"data.storage={{endpoint_url: '{server.endpoint}', key: 'nrd-key', secret: '{secret}'}}"
         url = "s3://locked/train-000000.tar"
-        proc = run(train_args(url, fmnist_small["test"], tmp_path / "out", storage_cfg, "data.samples_per_epoch=64"),
-                   env=env_without_aws_credentials())
+        proc = run(
+            train_args(url, fmnist_small["test"], tmp_path / "out", storage_cfg, "data.samples_per_epoch=64"),
+            env=env_without_aws_credentials(),
+        )
     finally:
         server.stop()
     assert proc.returncode == 2, proc.stderr[-2000:]
@@ -193,8 +223,11 @@ def test_a_read_resumes_after_an_outage_and_fails_clearly_when_the_server_stays_
         fs = server.fs()
         fs.mkdir("blip")
         fs.pipe_file(url, payload)
-        through_relay = {**server.storage_options, "endpoint_url": f"http://127.0.0.1:{outage.port}",
-                         "default_block_size": 1 << 20}
+        through_relay = {
+            **server.storage_options,
+            "endpoint_url": f"http://127.0.0.1:{outage.port}",
+            "default_block_size": 1 << 20,
+        }
         storage.configure(through_relay, retries=4, backoff_s=0.5)
         with storage.open_url(url, bufsize=1 << 16) as stream:
             head = stream.read(1 << 20)
@@ -226,10 +259,21 @@ def test_training_stops_with_a_clear_error_when_the_server_dies_mid_run(fmnist_s
         server.upload(root / "train", "s3://dying/train")
         server.upload(root / "test", "s3://dying/test")
         out = tmp_path / "out"
-        cmd = [sys.executable, "-m", "nrd_dist.train",
-               *train_args("s3://dying/train/train-{000000..000002}.tar", "s3://dying/test/test-{000000..000001}.tar",
-                           out, "optim.epochs=50", "data.retries=2", "data.retry_backoff_s=0.2",
-                           "data.shuffle_buffer=0", "log.every_steps=1")]
+        cmd = [
+            sys.executable,
+            "-m",
+            "nrd_dist.train",
+            *train_args(
+                "s3://dying/train/train-{000000..000002}.tar",
+                "s3://dying/test/test-{000000..000001}.tar",
+                out,
+                "optim.epochs=50",
+                "data.retries=2",
+                "data.retry_backoff_s=0.2",
+                "data.shuffle_buffer=0",
+                "log.every_steps=1",
+            ),
+        ]
         proc = processes.start(cmd, tmp_path / "train.log", env=server.env)
         deadline = time.time() + 120
         while time.time() < deadline and proc.poll() is None:
@@ -270,8 +314,10 @@ def test_http_shards_stream_the_same_samples_as_local_files(fmnist_small):
         transform = build_policy("fmnist").eval
 
         def keys_and_labels(urls):
-            return [(s["key"], s["label"], float(s["image"].sum()))
-                    for s in ShardStream(urls, transform, 10, channels=1, train=False)]
+            return [
+                (s["key"], s["label"], float(s["image"].sum()))
+                for s in ShardStream(urls, transform, 10, channels=1, train=False)
+            ]
 
         assert keys_and_labels(remote) == keys_and_labels(local)
         assert len(keys_and_labels(remote)) == fmnist_small["test_count"]
@@ -283,18 +329,22 @@ def test_http_shards_stream_the_same_samples_as_local_files(fmnist_small):
         server.server_close()
 
 
-def test_storage_options_translate_to_s3fs_and_a_named_profile_reaches_the_server(s3_server, s3_shards, tmp_path,
-                                                                                 monkeypatch):
-    options = storage.fsspec_options("s3", {"endpoint_url": "http://x", "profile": "p", "region": "eu-west-1",
-                                            "anonymous": True})
+def test_storage_options_translate_to_s3fs_and_a_named_profile_reaches_the_server(
+    s3_server, s3_shards, tmp_path, monkeypatch
+):
+    options = storage.fsspec_options(
+        "s3", {"endpoint_url": "http://x", "profile": "p", "region": "eu-west-1", "anonymous": True}
+    )
     assert options["endpoint_url"] == "http://x" and options["profile"] == "p" and options["anon"] is True
     assert options["client_kwargs"] == {"region_name": "eu-west-1"}
     assert options["config_kwargs"]["connect_timeout"] == 5  # fail fast, then our retries with backoff
     assert storage.filesystem("s3://bucket/shard.tar").retries == 1  # s3fs's own off: ours count, with backoff
     # A real profile: credentials from a shared credentials file, none in the environment.
     credentials = tmp_path / "credentials"
-    credentials.write_text(f"[nrd-bench]\naws_access_key_id = {s3_server.storage_options['key']}\n"
-                           f"aws_secret_access_key = {s3_server.storage_options['secret']}\n")
+    credentials.write_text(
+        f"[nrd-bench]\naws_access_key_id = {s3_server.storage_options['key']}\n"
+        f"aws_secret_access_key = {s3_server.storage_options['secret']}\n"
+    )
     for name in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"):
         monkeypatch.delenv(name, raising=False)
     monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", str(credentials))

@@ -21,6 +21,7 @@ def results(tmp_path):
 
     def finish(cell, noisy_val=50.0, test=70.0):
         sweep.write_atomic(store.path(cell), json.dumps({"noisy_val_top1_last": noisy_val, "test_top1_last": test}))
+
     finish.store = store
     return finish
 
@@ -36,8 +37,12 @@ def test_every_grid_has_three_points_the_paper_value_first():
                 continue
             first = points[0]
             paper = sweep.TABLE5[method][setting]
-            value = {"gce": lambda p: p["loss.q"], "sce": lambda p: (p["loss.alpha"], p["loss.beta"]),
-                     "gjs": lambda p: p["loss.pi"][0], "nrd": lambda p: p["loss.pi"][1]}[method](first)
+            value = {
+                "gce": lambda p: p["loss.q"],
+                "sce": lambda p: (p["loss.alpha"], p["loss.beta"]),
+                "gjs": lambda p: p["loss.pi"][0],
+                "nrd": lambda p: p["loss.pi"][1],
+            }[method](first)
             assert value == paper, (setting, method)
             if method in ("gjs", "nrd"):
                 for p in points:
@@ -48,15 +53,22 @@ def test_every_grid_has_three_points_the_paper_value_first():
 
 def test_table5_values_are_the_papers_cifar10_column():
     # the paper's Table 5, CIFAR-10 (shared/paper/README.md), transcribed independently
-    expected = {"gce": [0.7, 0.7, 0.7, 0.9, 0.1], "gjs": [0.3, 0.9, 0.1, 0.1, 0.3],
-                "nrd": [0.6, 0.6, 0.5, 0.5, 0.7],
-                "sce": [(0.05, 0.1), (0.1, 0.1), (0.2, 1.0), (0.1, 1.0), (0.2, 1.0)]}
+    expected = {
+        "gce": [0.7, 0.7, 0.7, 0.9, 0.1],
+        "gjs": [0.3, 0.9, 0.1, 0.1, 0.3],
+        "nrd": [0.6, 0.6, 0.5, 0.5, 0.7],
+        "sce": [(0.05, 0.1), (0.1, 0.1), (0.2, 1.0), (0.1, 1.0), (0.2, 1.0)],
+    }
     for method, values in expected.items():
         assert [sweep.TABLE5[method][s] for s in ("sym20", "sym40", "sym60", "sym80", "asym40")] == values
 
 
-GRID_VALUE = {"gce": lambda p: p["loss.q"], "sce": lambda p: p["loss.alpha"],
-              "gjs": lambda p: p["loss.pi"][0], "nrd": lambda p: p["loss.pi"][1]}
+GRID_VALUE = {
+    "gce": lambda p: p["loss.q"],
+    "sce": lambda p: p["loss.alpha"],
+    "gjs": lambda p: p["loss.pi"][0],
+    "nrd": lambda p: p["loss.pi"][1],
+}
 
 
 def test_the_protocol_page_lists_the_grids_the_code_runs():
@@ -76,7 +88,7 @@ def test_the_protocol_page_lists_the_grids_the_code_runs():
 
 def test_teacher_horizon_is_the_papers_fraction_of_an_epoch():
     # the share of the teacher's weights an epoch keeps: 0.99 ** 391 = 2.0% in the paper
-    assert abs(sweep.TEACHER_DECAY ** sweep.STEPS_PER_EPOCH - 0.99 ** 391) < 2e-4
+    assert abs(sweep.TEACHER_DECAY**sweep.STEPS_PER_EPOCH - 0.99**391) < 2e-4
     paper = 1 / (1 - 0.99) / 391  # horizon 100 steps of 391: 0.256 epoch
     ours = 1 / (1 - sweep.TEACHER_DECAY) / sweep.STEPS_PER_EPOCH  # 16.4 of 62.5: 0.263
     assert abs(ours - paper) / paper < 0.03
@@ -105,10 +117,10 @@ def test_the_plan_grows_with_the_selections_and_never_repeats_a_cell(results):
             results(sweep.Cell("sym60", method, index, 0), noisy_val=50.0 + index * (method == "nrd"))
     cells = sweep.plan(store)
     assert len(cells) == len(set(cells)) == 5 * 15 + 10 + 3
-    assert [c.name for c in cells if c.setting == "sym60" and c.seed] == \
-        [f"sym60-{m}-g{2 if m == 'nrd' else 0}-s{s}" for m in sweep.METHODS for s in (1, 2)]
-    assert [c.name for c in cells if c.long] == ["long-sym60-ce-g0-s0", "long-sym60-gjs-g0-s0",
-                                                 "long-sym60-nrd-g2-s0"]
+    assert [c.name for c in cells if c.setting == "sym60" and c.seed] == [
+        f"sym60-{m}-g{2 if m == 'nrd' else 0}-s{s}" for m in sweep.METHODS for s in (1, 2)
+    ]
+    assert [c.name for c in cells if c.long] == ["long-sym60-ce-g0-s0", "long-sym60-gjs-g0-s0", "long-sym60-nrd-g2-s0"]
     assert all(c.epochs == sweep.LONG_EPOCHS for c in cells if c.long)
     assert sweep.parse_cell("long-sym60-nrd-g2-s0") == sweep.Cell("sym60", "nrd", 2, 0, long=True)
     with pytest.raises(SystemExit, match="not a v3 cell"):
@@ -132,10 +144,17 @@ def test_one_real_cell_trains_is_diagnosed_and_reproduces(fmnist_small, tmp_path
     2 epochs (the sweep's own are 2,000 images and 60 epochs); then ``reproduce`` retrains
     it and finds the same numbers."""
     common = [c for c in sweep.COMMON if not c.startswith(("data.train=", "data.val.", "eval.every_epochs"))]
-    monkeypatch.setattr(sweep, "COMMON", [f"data.train={fmnist_small['train']}",
-                                          f"data.val.fmnist_test={fmnist_small['test']}",
-                                          f"data.val.noisy_val={fmnist_small['test']}", "eval.every_epochs=1",
-                                          *common])
+    monkeypatch.setattr(
+        sweep,
+        "COMMON",
+        [
+            f"data.train={fmnist_small['train']}",
+            f"data.val.fmnist_test={fmnist_small['test']}",
+            f"data.val.noisy_val={fmnist_small['test']}",
+            "eval.every_epochs=1",
+            *common,
+        ],
+    )
     monkeypatch.setattr(sweep, "EPOCHS", 2)
     monkeypatch.setattr(sweep, "DIAGNOSE_VIEWS", 2)
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
@@ -161,4 +180,3 @@ def test_one_real_cell_trains_is_diagnosed_and_reproduces(fmnist_small, tmp_path
     out = capsys.readouterr().out
     assert code == 0 and out.count(" same") == len(sweep.REPRODUCED_KEYS), out
     assert (tmp_path / "runs" / "reproduce" / cell.name / "summary.json").exists()
-

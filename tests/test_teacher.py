@@ -192,18 +192,22 @@ def reference_ramped_ema(states, decay, warmup_steps, every, ramp, power, gamma)
     return teacher, decays
 
 
-@pytest.mark.parametrize("ramp, decay, warmup, every, power, gamma", [
-    ("mean_teacher", 0.9, 0, 1, 2 / 3, 1.0),
-    ("power", 0.9, 0, 1, 2 / 3, 1.0),
-    ("power", 0.95, 3, 2, 0.75, 0.25),  # warm-up, every 2, gamma < 1 (ema_pytorch update_every 4)
-    ("mean_teacher", 0.97, 4, 1, 2 / 3, 1.0),
-    ("none", 0.9, 2, 1, 2 / 3, 1.0),
-])
+@pytest.mark.parametrize(
+    "ramp, decay, warmup, every, power, gamma",
+    [
+        ("mean_teacher", 0.9, 0, 1, 2 / 3, 1.0),
+        ("power", 0.9, 0, 1, 2 / 3, 1.0),
+        ("power", 0.95, 3, 2, 0.75, 0.25),  # warm-up, every 2, gamma < 1 (ema_pytorch update_every 4)
+        ("mean_teacher", 0.97, 4, 1, 2 / 3, 1.0),
+        ("none", 0.9, 2, 1, 2 / 3, 1.0),
+    ],
+)
 def test_ramp_matches_reference_loop(ramp, decay, warmup, every, power, gamma):
     generator = torch.Generator().manual_seed(7)
     student = tiny_model()
-    teacher = EMATeacher(student, decay=decay, warmup_steps=warmup, every=every,
-                         ramp=ramp, ramp_power=power, ramp_gamma=gamma)
+    teacher = EMATeacher(
+        student, decay=decay, warmup_steps=warmup, every=every, ramp=ramp, ramp_power=power, ramp_gamma=gamma
+    )
     states = [copy.deepcopy(student.state_dict())]
     decays = []
     for _ in range(50):
@@ -247,12 +251,12 @@ def test_decay_sequence_closed_forms():
     assert power.decay_at(1) == pytest.approx(1 - 2 ** (-2 / 3), abs=1e-15)  # 0.370
     assert power.decay_at(2) == pytest.approx(1 - 3 ** (-2 / 3), abs=1e-15)  # 0.519
     assert power.decay_at(3) == pytest.approx(1 - 4 ** (-2 / 3), abs=1e-15)  # 0.603
-    assert power.decay_at(10 ** 6) == 0.999  # capped
+    assert power.decay_at(10**6) == 0.999  # capped
     mean = EMATeacher(tiny_model(), decay=0.99, ramp="mean_teacher")
     assert [mean.decay_at(t) for t in range(3)] == pytest.approx([0.0, 1 / 2, 2 / 3], abs=1e-15)
     assert mean.decay_at(99) == 0.99 and mean.decay_at(98) == pytest.approx(0.98989898, abs=1e-8)
     # gamma stretches time: t / gamma
-    assert ramped_decay(4, 0.99, "power", 0.75, 2.0) == pytest.approx(1 - 3 ** -0.75, abs=1e-15)
+    assert ramped_decay(4, 0.99, "power", 0.75, 2.0) == pytest.approx(1 - 3**-0.75, abs=1e-15)
     # warm-up copies first, then the ramp starts at t = 0 (one more copy)
     warm = EMATeacher(tiny_model(), decay=0.99, warmup_steps=2, ramp="mean_teacher")
     assert [warm.decay_at(n) for n in range(5)] == pytest.approx([0.0, 0.0, 0.0, 1 / 2, 2 / 3], abs=1e-15)
@@ -283,13 +287,16 @@ def test_ramp_state_dict_roundtrip_continues_sequence(ramp):
         assert torch.equal(a, b), k
 
 
-@pytest.mark.parametrize("override, message", [
-    ("teacher.ramp=mean", "teacher.ramp: invalid value 'mean'"),
-    ("teacher.ramp=linear", "teacher.ramp: invalid value 'linear'"),
-    ("teacher.ramp_power=0", "teacher.ramp_power: must be > 0"),
-    ("teacher.ramp_power=-0.5", "teacher.ramp_power: must be > 0"),
-    ("teacher.ramp_gamma=0", "teacher.ramp_gamma: must be > 0"),
-])
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("teacher.ramp=mean", "teacher.ramp: invalid value 'mean'"),
+        ("teacher.ramp=linear", "teacher.ramp: invalid value 'linear'"),
+        ("teacher.ramp_power=0", "teacher.ramp_power: must be > 0"),
+        ("teacher.ramp_power=-0.5", "teacher.ramp_power: must be > 0"),
+        ("teacher.ramp_gamma=0", "teacher.ramp_gamma: must be > 0"),
+    ],
+)
 def test_ramp_config_errors_name_the_key(override, message):
     with pytest.raises(ConfigError) as err:
         load_config(None, [override])
@@ -307,8 +314,9 @@ def test_ramp_config_defaults_and_constructor_errors():
         EMATeacher(tiny_model(), ramp="power", ramp_power=0.0)
 
 
-@pytest.mark.parametrize("field, value", [("decay", 1.5), ("warmup_steps", -1), ("every", 0), ("ramp_power", 0.0),
-                                          ("ramp_gamma", -1.0)])
+@pytest.mark.parametrize(
+    "field, value", [("decay", 1.5), ("warmup_steps", -1), ("every", 0), ("ramp_power", 0.0), ("ramp_gamma", -1.0)]
+)
 def test_teacher_settings_are_checked_in_one_place(field, value):
     """The constructor and the config raise the same message, naming ``teacher.<field>``."""
     with pytest.raises(ValueError) as constructor:

@@ -17,10 +17,20 @@ DEMO = REPO / "configs" / "fmnist_demo.yaml"
 
 
 def small_run(fmnist_small, out, *extra):
-    return [DEMO, f"data.train={fmnist_small['train']}", f"data.val.fmnist_test={fmnist_small['test']}",
-            f"run.output_dir={out}", "data.batch_size=32", "data.workers=1", "data.shuffle_buffer=64",
-            "optim.epochs=2", "log.every_steps=3", "eval.label_correction_samples=96",
-            "eval.label_correction_views=2", *extra]
+    return [
+        DEMO,
+        f"data.train={fmnist_small['train']}",
+        f"data.val.fmnist_test={fmnist_small['test']}",
+        f"run.output_dir={out}",
+        "data.batch_size=32",
+        "data.workers=1",
+        "data.shuffle_buffer=64",
+        "optim.epochs=2",
+        "log.every_steps=3",
+        "eval.label_correction_samples=96",
+        "eval.label_correction_views=2",
+        *extra,
+    ]
 
 
 @pytest.mark.slow
@@ -82,8 +92,13 @@ def test_train_step_skips_the_teacher_for_baselines_and_uses_views_for_gjs(fmnis
     from nrd_dist.train import Trainer, plan_data
 
     for loss, views, teacher in (("ce", 1, False), ("gjs", 2, False), ("nrd", 1, True), ("ce_nrd", 1, True)):
-        overrides = [f"data.train={fmnist_small['train']}", f"run.output_dir={tmp_path / loss}",
-                     "data.batch_size=16", "data.workers=0", f"loss.name={loss}"]
+        overrides = [
+            f"data.train={fmnist_small['train']}",
+            f"run.output_dir={tmp_path / loss}",
+            "data.batch_size=16",
+            "data.workers=0",
+            f"loss.name={loss}",
+        ]
         overrides.append({"gjs": "loss.pi=[0.5, 0.25, 0.25]", "ce": "loss.pi=null"}.get(loss, "loss.pi=[0.3,0.5,0.2]"))
         cfg = load_config(DEMO, overrides)
         cfg.data.val = {}
@@ -104,8 +119,16 @@ def test_bf16_autocast_step_on_cpu(fmnist_small, tmp_path):
     from nrd_dist.engines import LocalEngine as Engine
     from nrd_dist.train import Trainer, plan_data
 
-    cfg = load_config(DEMO, [f"data.train={fmnist_small['train']}", f"run.output_dir={tmp_path}",
-                             "data.batch_size=16", "data.workers=0", "engine.precision=bf16"])
+    cfg = load_config(
+        DEMO,
+        [
+            f"data.train={fmnist_small['train']}",
+            f"run.output_dir={tmp_path}",
+            "data.batch_size=16",
+            "data.workers=0",
+            "engine.precision=bf16",
+        ],
+    )
     cfg.data.val = {}
     trainer = Trainer(cfg, plan_data(cfg), Engine(cfg))
     loss = trainer.train_step(next(iter(trainer.train_loader)))
@@ -123,8 +146,13 @@ def test_compiled_nrd_step_matches_the_eager_step(fmnist_small, tmp_path):
     from nrd_dist.train import Trainer, plan_data
 
     def two_steps(compiled: bool):
-        overrides = [f"data.train={fmnist_small['train']}", f"run.output_dir={tmp_path / str(compiled)}",
-                     "data.batch_size=16", "data.workers=0", f"engine.compile={str(compiled).lower()}"]
+        overrides = [
+            f"data.train={fmnist_small['train']}",
+            f"run.output_dir={tmp_path / str(compiled)}",
+            "data.batch_size=16",
+            "data.workers=0",
+            f"engine.compile={str(compiled).lower()}",
+        ]
         cfg = load_config(DEMO, overrides)
         cfg.data.val = {}
         trainer = Trainer(cfg, plan_data(cfg), Engine(cfg))
@@ -158,21 +186,33 @@ def test_compiled_nrd_step_matches_the_eager_step(fmnist_small, tmp_path):
         assert (update - eager_update).norm() <= 0.05 * eager_update.norm() + 1e-7, name
 
 
-@pytest.mark.parametrize("override, message", [
-    ("optim.lrr=0.1", "optim.lrr: unknown key (did you mean 'lr'?)"),
-    ("loss.pi=[0.5, 0.6, 0.1]", "loss.pi: weights must be non-negative and sum to 1"),
-    ("data.noise.rate=2", "data.noise.rate: noise rate must lie in [0, 1]"),
-    ("data.train=/nonexistent/train-{000000..000003}.tar",
-     "data.train: shard '/nonexistent/train-000000.tar' does not exist"),
-    ("data.val.fmnist_test=/nonexistent/test-*.tar",
-     "data.val.fmnist_test: no shard matches '/nonexistent/test-*.tar'"),
-])
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("optim.lrr=0.1", "optim.lrr: unknown key (did you mean 'lr'?)"),
+        ("loss.pi=[0.5, 0.6, 0.1]", "loss.pi: weights must be non-negative and sum to 1"),
+        ("data.noise.rate=2", "data.noise.rate: noise rate must lie in [0, 1]"),
+        (
+            "data.train=/nonexistent/train-{000000..000003}.tar",
+            "data.train: shard '/nonexistent/train-000000.tar' does not exist",
+        ),
+        (
+            "data.val.fmnist_test=/nonexistent/test-*.tar",
+            "data.val.fmnist_test: no shard matches '/nonexistent/test-*.tar'",
+        ),
+    ],
+)
 def test_config_errors_stop_before_training(fmnist_small, tmp_path, capsys, override, message):
     from nrd_dist.train import main
 
     out = tmp_path / "never"
-    args = [DEMO, f"data.train={fmnist_small['train']}", f"data.val.fmnist_test={fmnist_small['test']}",
-            f"run.output_dir={out}", override]
+    args = [
+        DEMO,
+        f"data.train={fmnist_small['train']}",
+        f"data.val.fmnist_test={fmnist_small['test']}",
+        f"run.output_dir={out}",
+        override,
+    ]
     # main() in this process (the entry point's code; run_train's tests cover the fresh
     # interpreter): an exception it did not turn into the message would fail this test.
     assert main([str(a) for a in args]) == 2
@@ -236,8 +276,9 @@ def test_config_reference_matches_schema_and_readme():
     readme = (REPO / "README.md").read_text()
     start, end = "<!-- config-reference:start -->\n", "<!-- config-reference:end -->"
     embedded = readme.split(start)[1].split(end)[0]
-    assert embedded == render_markdown(), \
+    assert embedded == render_markdown(), (
         "README config reference is stale: python -m nrd_dist.config_reference --update README.md"
+    )
 
 
 def test_shipped_configs_have_valid_keys():
@@ -250,8 +291,16 @@ def test_shipped_configs_have_valid_keys():
 @pytest.mark.slow
 def test_engine_settings_this_machine_cannot_run_fail_early(fmnist_small, tmp_path):
     out = tmp_path / "never"
-    proc = run_train([DEMO, f"data.train={fmnist_small['train']}", f"data.val.fmnist_test={fmnist_small['test']}",
-                      f"run.output_dir={out}", "engine.precision=fp16"], timeout=120)
+    proc = run_train(
+        [
+            DEMO,
+            f"data.train={fmnist_small['train']}",
+            f"data.val.fmnist_test={fmnist_small['test']}",
+            f"run.output_dir={out}",
+            "engine.precision=fp16",
+        ],
+        timeout=120,
+    )
     assert proc.returncode == 2 and "engine.precision: fp16 needs a GPU" in proc.stderr
     assert not out.exists()
 

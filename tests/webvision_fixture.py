@@ -27,10 +27,13 @@ import numpy as np
 from PIL import Image
 
 # The first synsets of WebVision's info/synsets.txt (= ImageNet-1k sorted by WNID).
-REAL_SYNSETS = [("n01440764", "tench, Tinca tinca"), ("n01443537", "goldfish, Carassius auratus"),
-                ("n01484850", "great white shark, white shark, man-eater, man-eating shark"),
-                ("n01491361", "tiger shark, Galeocerdo cuvieri"),
-                ("n01494475", "hammerhead, hammerhead shark")]
+REAL_SYNSETS = [
+    ("n01440764", "tench, Tinca tinca"),
+    ("n01443537", "goldfish, Carassius auratus"),
+    ("n01484850", "great white shark, white shark, man-eater, man-eating shark"),
+    ("n01491361", "tiger shark, Galeocerdo cuvieri"),
+    ("n01494475", "hammerhead, hammerhead shark"),
+]
 
 
 def synsets(n: int) -> list[tuple[str, str]]:
@@ -44,11 +47,16 @@ def image_array(width: int, height: int, seed: int) -> np.ndarray:
     rng = np.random.default_rng(seed)
     y, x = np.mgrid[0:height, 0:width]
     base = rng.integers(0, 256, size=3)
-    image = np.stack([(x * 255 // max(width - 1, 1) + base[0]) % 256,
-                      (y * 255 // max(height - 1, 1) + base[1]) % 256,
-                      ((x + y) * 3 + base[2]) % 256], axis=-1).astype(np.int16)
+    image = np.stack(
+        [
+            (x * 255 // max(width - 1, 1) + base[0]) % 256,
+            (y * 255 // max(height - 1, 1) + base[1]) % 256,
+            ((x + y) * 3 + base[2]) % 256,
+        ],
+        axis=-1,
+    ).astype(np.int16)
     y0, x0 = rng.integers(0, max(height // 2, 1)), rng.integers(0, max(width // 2, 1))
-    image[y0:y0 + height // 3, x0:x0 + width // 3] = rng.integers(0, 256, size=3)
+    image[y0 : y0 + height // 3, x0 : x0 + width // 3] = rng.integers(0, 256, size=3)
     image += rng.integers(-12, 13, size=image.shape)
     return np.clip(image, 0, 255).astype(np.uint8)
 
@@ -66,13 +74,16 @@ def random_size(rng: np.random.Generator, sizes: tuple[int, int]) -> tuple[int, 
     return int(rng.integers(sizes[0], sizes[1] + 1)), int(rng.integers(sizes[0], sizes[1] + 1))
 
 
-def write_image(path: Path, rng: np.random.Generator, sizes: tuple[int, int], seed: int,
-                kind: str = "rgb") -> None:
+def write_image(path: Path, rng: np.random.Generator, sizes: tuple[int, int], seed: int, kind: str = "rgb") -> None:
     """kind: rgb (JPEG), grey (greyscale JPEG), png or bmp (that data, whatever the name says)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     array = image_array(*random_size(rng, sizes), seed)
-    data = {"rgb": lambda: encode(array), "grey": lambda: encode(array, mode="L"),
-            "png": lambda: encode(array, fmt="PNG"), "bmp": lambda: encode(array, fmt="BMP")}[kind]()
+    data = {
+        "rgb": lambda: encode(array),
+        "grey": lambda: encode(array, mode="L"),
+        "png": lambda: encode(array, fmt="PNG"),
+        "bmp": lambda: encode(array, fmt="BMP"),
+    }[kind]()
     path.write_bytes(data)
 
 
@@ -82,7 +93,7 @@ class WebVisionTree:
     wnids: list[str]
     descriptions: list[str]
     train: list[tuple[str, int]]  # (path relative to root, label), file-list order
-    val: list[tuple[str, int]]    # (path relative to root, label)
+    val: list[tuple[str, int]]  # (path relative to root, label)
     odd: dict[str, str] = field(default_factory=dict)  # relative path -> "grey" | "png" | "bmp"
 
     @property
@@ -90,9 +101,15 @@ class WebVisionTree:
         return self.root / "info"
 
 
-def make_webvision_tree(root: Path, train_labels: Sequence[int], val_labels: Sequence[int],
-                        num_synsets: int = 60, sizes: tuple[int, int] = (24, 80), seed: int = 0,
-                        odd: bool = True) -> WebVisionTree:
+def make_webvision_tree(
+    root: Path,
+    train_labels: Sequence[int],
+    val_labels: Sequence[int],
+    num_synsets: int = 60,
+    sizes: tuple[int, int] = (24, 80),
+    seed: int = 0,
+    odd: bool = True,
+) -> WebVisionTree:
     """A WebVision 1.0 tree: the Google training subset and the validation set.
 
     Training images go to ``google/q{label + 1:04d}/{n:08d}.jpg`` in the given label
@@ -136,7 +153,7 @@ def write_filelist(tree: WebVisionTree, split: str, lines: Sequence[str]) -> Pat
 
 def truncate(path: Path, keep: float = 0.6) -> None:
     data = path.read_bytes()
-    path.write_bytes(data[:int(len(data) * keep)])
+    path.write_bytes(data[: int(len(data) * keep)])
 
 
 # ----------------------------------------------------------------------------- ILSVRC2012 val
@@ -144,10 +161,10 @@ def truncate(path: Path, keep: float = 0.6) -> None:
 
 @dataclass
 class ImageNetVal:
-    root: Path                       # --src
-    devkit: Optional[Path]           # flat layout only
-    images: list[tuple[str, str]]    # (file name, WNID) in image-number order
-    id_of: dict[str, int]            # WNID -> ILSVRC2012_ID
+    root: Path  # --src
+    devkit: Optional[Path]  # flat layout only
+    images: list[tuple[str, str]]  # (file name, WNID) in image-number order
+    id_of: dict[str, int]  # WNID -> ILSVRC2012_ID
 
 
 def write_meta_mat(path: Path, wnids: Sequence[str], seed: int = 0, inner_nodes: int = 3) -> dict[str, int]:
@@ -160,15 +177,24 @@ def write_meta_mat(path: Path, wnids: Sequence[str], seed: int = 0, inner_nodes:
 
     rng = np.random.default_rng(seed)
     order = [wnids[i] for i in rng.permutation(len(wnids))]
-    fields = ["ILSVRC2012_ID", "WNID", "words", "gloss", "num_children", "children",
-              "wordnet_height", "num_train_images"]
+    fields = [
+        "ILSVRC2012_ID",
+        "WNID",
+        "words",
+        "gloss",
+        "num_children",
+        "children",
+        "wordnet_height",
+        "num_train_images",
+    ]
     rows = []
     for i, wnid in enumerate(order, 1):
         rows.append((float(i), wnid, f"words {wnid}", f"gloss of {wnid}", 0.0, np.zeros((1, 0)), 0.0, 1300.0))
     for j in range(inner_nodes):
         ident = len(order) + 1 + j
-        rows.append((float(ident), f"n{9000000 + j:08d}", "inner", "an inner node", 2.0,
-                     np.array([[1.0, 2.0]]), 1.0, 0.0))
+        rows.append(
+            (float(ident), f"n{9000000 + j:08d}", "inner", "an inner node", 2.0, np.array([[1.0, 2.0]]), 1.0, 0.0)
+        )
     array = np.empty((len(rows), 1), dtype=[(f, object) for f in fields])
     for r, row in enumerate(rows):
         array[r, 0] = row
@@ -177,9 +203,15 @@ def write_meta_mat(path: Path, wnids: Sequence[str], seed: int = 0, inner_nodes:
     return {wnid: i for i, wnid in enumerate(order, 1)}
 
 
-def make_imagenet_val(root: Path, wnids_per_image: Sequence[str], all_wnids: Sequence[str],
-                      layout: str = "flat", devkit: Optional[Path] = None,
-                      sizes: tuple[int, int] = (24, 80), seed: int = 7) -> ImageNetVal:
+def make_imagenet_val(
+    root: Path,
+    wnids_per_image: Sequence[str],
+    all_wnids: Sequence[str],
+    layout: str = "flat",
+    devkit: Optional[Path] = None,
+    sizes: tuple[int, int] = (24, 80),
+    seed: int = 7,
+) -> ImageNetVal:
     """ILSVRC2012 validation images ``ILSVRC2012_val_{n:08d}.JPEG`` (n from 1), image n of
     synset ``wnids_per_image[n - 1]``. ``layout``: ``flat`` (+ the devkit, by default in
     ``root/../ILSVRC2012_devkit_t12``) or ``folders`` (``root/{wnid}/...``)."""
@@ -191,7 +223,8 @@ def make_imagenet_val(root: Path, wnids_per_image: Sequence[str], all_wnids: Seq
         devkit = devkit or root.parent / "ILSVRC2012_devkit_t12"
         id_of = write_meta_mat(devkit / "data" / "meta.mat", list(all_wnids), seed)
         (devkit / "data" / "ILSVRC2012_validation_ground_truth.txt").write_text(
-            "".join(f"{id_of[w]}\n" for _, w in images))
+            "".join(f"{id_of[w]}\n" for _, w in images)
+        )
     for n, (name, wnid) in enumerate(images, 1):
         path = root / name if layout == "flat" else root / wnid / name
         write_image(path, rng, sizes, seed * 100003 + n)

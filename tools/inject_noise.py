@@ -1,5 +1,6 @@
 #!/usr/bin/env python3
 """Thin CLI; the implementation and its documentation live in nrd_dist.tools.inject_noise."""
+
 import sys
 
 from nrd_dist.tools.inject_noise import main

@@ -65,8 +65,13 @@ def diagnose(predictions: SamplePredictions) -> dict[str, Any]:
     known for every sample). Accuracies in percent; ``None`` where a subset is empty."""
     mislabeled = predictions.mislabeled
     counted = table1(predictions)
-    result: dict[str, Any] = {"counts": counted.sample_counts(), "table1": counted.accuracies(empty=None),
-                              "auroc": {}, "calibration": {}, "clean_label_log_likelihood": {}}
+    result: dict[str, Any] = {
+        "counts": counted.sample_counts(),
+        "table1": counted.accuracies(empty=None),
+        "auroc": {},
+        "calibration": {},
+        "clean_label_log_likelihood": {},
+    }
     for name, modes in predictions.outputs.items():
         for section in ("auroc", "calibration", "clean_label_log_likelihood"):
             result[section][name] = {}
@@ -75,7 +80,8 @@ def diagnose(predictions: SamplePredictions) -> dict[str, Any]:
             result["calibration"][name][mode] = out.meter.compute()
             result["clean_label_log_likelihood"][name][mode] = {
                 "clean": log_likelihood_summary(out.log_p_clean[~mislabeled]),
-                "mislabeled": log_likelihood_summary(out.log_p_clean[mislabeled])}
+                "mislabeled": log_likelihood_summary(out.log_p_clean[mislabeled]),
+            }
     return result
 
 
@@ -85,13 +91,13 @@ def write_samples_csv(predictions: SamplePredictions, path: Path) -> Path:
     columns = [(f"{name}_{mode}", out) for name, modes in predictions.outputs.items() for mode, out in modes.items()]
     with open(path, "w", newline="") as f:
         writer = csv.writer(f)
-        writer.writerow(["key", "shard", "given_label", "clean_label", "mislabeled"]
-                        + [f"{prefix}_{field}" for prefix, _ in columns
-                           for field in ("log_p_clean", "log_p_given", "prediction")])
+        writer.writerow(
+            ["key", "shard", "given_label", "clean_label", "mislabeled"]
+            + [f"{prefix}_{field}" for prefix, _ in columns for field in ("log_p_clean", "log_p_given", "prediction")]
+        )
         mislabeled = predictions.mislabeled
         for i, key in enumerate(predictions.keys):
-            row = [key, predictions.shards[i], int(predictions.given[i]), int(predictions.clean[i]),
-                   int(mislabeled[i])]
+            row = [key, predictions.shards[i], int(predictions.given[i]), int(predictions.clean[i]), int(mislabeled[i])]
             for _, out in columns:
                 row += [float(out.log_p_clean[i]), float(out.log_p_given[i]), int(out.prediction[i])]
             writer.writerow(row)
@@ -103,38 +109,54 @@ def plot(predictions: SamplePredictions, out_dir: Path, title: str) -> list[str]
     mislabeled = predictions.mislabeled
     names = []
     for name, modes in predictions.outputs.items():
-        panels = {f"{name}, {MODE_TITLES[mode].format(k=predictions.views)}":
-                  {"clean samples": out.log_p_clean[~mislabeled], "mislabeled samples": out.log_p_clean[mislabeled]}
-                  for mode, out in modes.items()}
+        panels = {
+            f"{name}, {MODE_TITLES[mode].format(k=predictions.views)}": {
+                "clean samples": out.log_p_clean[~mislabeled],
+                "mislabeled samples": out.log_p_clean[mislabeled],
+            }
+            for mode, out in modes.items()
+        }
         names.append(histograms(panels, out_dir / f"log_likelihood_{name}.png", "log p(clean label)", title).name)
-    curves = {f"{name}, {MODE_TITLES[mode].format(k=predictions.views)} (ECE {100 * out.meter.compute()['ece']:.1f}%)":
-              out.meter.reliability() for name, modes in predictions.outputs.items() for mode, out in modes.items()}
+    curves = {
+        f"{name}, {MODE_TITLES[mode].format(k=predictions.views)} (ECE {100 * out.meter.compute()['ece']:.1f}%)": out.meter.reliability()
+        for name, modes in predictions.outputs.items()
+        for mode, out in modes.items()
+    }
     names.append(reliability_diagram(curves, out_dir / "reliability.png", f"{title}: against clean labels").name)
     return names
 
 
 def table(report: dict[str, Any]) -> str:
     """The printed summary: one line per model and mode."""
+
     def cell(value: Optional[float], fmt: str) -> str:
         return "-" if value is None else format(value, fmt)
 
     counts = report["counts"]
-    lines = [f"{report['run_dir']} ({report['checkpoint']}): {report['samples']} training samples, "
-             f"{counts['clean']} clean, {counts['mislabeled']} mislabeled; K={report['views']} AugMix views",
-             f"{'model':<8} {'mode':<16} {'acc clean':>9} {'acc mislab.':>11} {'AUROC':>6} {'ECE':>6}"]
+    lines = [
+        f"{report['run_dir']} ({report['checkpoint']}): {report['samples']} training samples, "
+        f"{counts['clean']} clean, {counts['mislabeled']} mislabeled; K={report['views']} AugMix views",
+        f"{'model':<8} {'mode':<16} {'acc clean':>9} {'acc mislab.':>11} {'AUROC':>6} {'ECE':>6}",
+    ]
     for name, modes in report["table1"].items():
         for mode, accuracy in modes.items():
-            lines.append(f"{name:<8} {mode:<16} {cell(accuracy['clean'], '9.2f')} "
-                         f"{cell(accuracy['mislabeled'], '11.2f')} {cell(report['auroc'][name][mode], '6.3f')} "
-                         f"{cell(report['calibration'][name][mode]['ece'], '6.3f')}")
+            lines.append(
+                f"{name:<8} {mode:<16} {cell(accuracy['clean'], '9.2f')} "
+                f"{cell(accuracy['mislabeled'], '11.2f')} {cell(report['auroc'][name][mode], '6.3f')} "
+                f"{cell(report['calibration'][name][mode]['ece'], '6.3f')}"
+            )
     return "\n".join(lines)
 
 
 def main(argv: Optional[list[str]] = None) -> int:
     parser = argparse.ArgumentParser(prog="diagnose.py", description=__doc__.split("\n\n")[1].strip())
     add_arguments(parser)
-    parser.add_argument("--which", choices=["teacher", "student", "both"], default="both",
-                        help="models to diagnose (both: the student and, if the run has one, the teacher)")
+    parser.add_argument(
+        "--which",
+        choices=["teacher", "student", "both"],
+        default="both",
+        help="models to diagnose (both: the student and, if the run has one, the teacher)",
+    )
     parser.add_argument("--out", type=Path, default=None, help="output folder (default: RUN_DIR/diagnose)")
     args = parser.parse_args(argv)
 

@@ -59,33 +59,59 @@ def precision_recall_at_k(ranked_mislabeled: np.ndarray) -> list[dict[str, Any]]
     if positives:
         cutoffs["number mislabeled"] = positives
     found = np.cumsum(ranked_mislabeled)
-    return [{"k": name, "samples": k, "precision": int(found[k - 1]) / k,
-             "recall": int(found[k - 1]) / positives if positives else None}
-            for name, k in cutoffs.items()]
+    return [
+        {
+            "k": name,
+            "samples": k,
+            "precision": int(found[k - 1]) / k,
+            "recall": int(found[k - 1]) / positives if positives else None,
+        }
+        for name, k in cutoffs.items()
+    ]
 
 
-def write_ranking(predictions: SamplePredictions, model: str, order: np.ndarray, score: np.ndarray, path: Path,
-                  top: Optional[int] = None) -> int:
+def write_ranking(
+    predictions: SamplePredictions,
+    model: str,
+    order: np.ndarray,
+    score: np.ndarray,
+    path: Path,
+    top: Optional[int] = None,
+) -> int:
     """The CSV, ``top`` rows at most; returns the number of rows written."""
     out = predictions.outputs[model][VIEWS]
     with_clean = bool((predictions.clean >= 0).any())
     rows = order if top is None else order[:top]
     with open(path, "w", newline="") as f:
         writer = csv.writer(f)
-        writer.writerow(["key", "shard", "given_label", "teacher_label", "teacher_confidence", "score"]
-                        + (["clean_label"] if with_clean else []))
+        writer.writerow(
+            ["key", "shard", "given_label", "teacher_label", "teacher_confidence", "score"]
+            + (["clean_label"] if with_clean else [])
+        )
         for i in rows:
             clean = int(predictions.clean[i])
-            writer.writerow([predictions.keys[i], predictions.shards[i], int(predictions.given[i]),
-                             int(out.prediction[i]), float(out.confidence[i]), float(score[i])]
-                            + ([clean if clean >= 0 else ""] if with_clean else []))
+            writer.writerow(
+                [
+                    predictions.keys[i],
+                    predictions.shards[i],
+                    int(predictions.given[i]),
+                    int(out.prediction[i]),
+                    float(out.confidence[i]),
+                    float(score[i]),
+                ]
+                + ([clean if clean >= 0 else ""] if with_clean else [])
+            )
     return len(rows)
 
 
 def summarize(predictions: SamplePredictions, model: str, order: np.ndarray) -> dict[str, Any]:
     known = int((predictions.clean >= 0).sum())
-    summary: dict[str, Any] = {"model": model, "score": SCORE, "clean_labels": predictions.has_clean_labels,
-                               "clean_labels_known": known}
+    summary: dict[str, Any] = {
+        "model": model,
+        "score": SCORE,
+        "clean_labels": predictions.has_clean_labels,
+        "clean_labels_known": known,
+    }
     if predictions.has_clean_labels:
         mislabeled = predictions.mislabeled
         summary["mislabeled"] = int(mislabeled.sum())
@@ -101,8 +127,12 @@ def summarize(predictions: SamplePredictions, model: str, order: np.ndarray) -> 
 def main(argv: Optional[list[str]] = None) -> int:
     parser = argparse.ArgumentParser(prog="find_mislabeled.py", description=__doc__.split("\n\n")[1].strip())
     add_arguments(parser)
-    parser.add_argument("--out", type=Path, default=None,
-                        help="the CSV (default: RUN_DIR/diagnose/mislabeled.csv); the summary goes beside it")
+    parser.add_argument(
+        "--out",
+        type=Path,
+        default=None,
+        help="the CSV (default: RUN_DIR/diagnose/mislabeled.csv); the summary goes beside it",
+    )
     parser.add_argument("--top", type=int, default=None, metavar="N", help="write only the N most suspicious rows")
     args = parser.parse_args(argv)
     if args.top is not None and args.top < 1:
@@ -115,11 +145,17 @@ def main(argv: Optional[list[str]] = None) -> int:
         out.parent.mkdir(parents=True, exist_ok=True)
         order, score = ranking(predictions, model)
         rows = write_ranking(predictions, model, order, score, out, args.top)
-        summary = {**describe(run, urls, predictions), **summarize(predictions, model, order),
-                   "csv": str(out), "rows": rows}
+        summary = {
+            **describe(run, urls, predictions),
+            **summarize(predictions, model, order),
+            "csv": str(out),
+            "rows": rows,
+        }
         summary_path = write_json(out.with_name(out.stem + ".summary.json"), summary)
-        print(f"ranked {len(order)} samples by the {model}'s disagreement with their label over "
-              f"{predictions.views} AugMix views: {out} ({rows} rows), {summary_path}")
+        print(
+            f"ranked {len(order)} samples by the {model}'s disagreement with their label over "
+            f"{predictions.views} AugMix views: {out} ({rows} rows), {summary_path}"
+        )
         for entry in summary.get("at_k", []):
             recall = "-" if entry["recall"] is None else f"{entry['recall']:.3f}"
             print(f"  top {entry['samples']} ({entry['k']}): precision {entry['precision']:.3f}, recall {recall}")

@@ -87,9 +87,12 @@ def load_run(run_dir: Path, which: str, device: torch.device, checkpoint: Option
     teacher = has_teacher(cfg)
     if which == "teacher" and not teacher:
         raise ValueError(f"{run_dir}: loss {cfg.loss.name!r} keeps no teacher; use --which student")
-    names = {"student": ["student"], "teacher": ["teacher"],
-             "both": ["student", "teacher"] if teacher else ["student"],
-             "auto": ["teacher" if teacher else "student"]}[which]
+    names = {
+        "student": ["student"],
+        "teacher": ["teacher"],
+        "both": ["student", "teacher"] if teacher else ["student"],
+        "auto": ["teacher" if teacher else "student"],
+    }[which]
     models = {}
     for name in names:
         model = build_model(cfg.model.arch, cfg.data.num_classes, cfg.model.in_channels)
@@ -109,8 +112,7 @@ def _without_redacted(options: Any) -> Any:
 # ----------------------------------------------------------------------------- the data
 
 
-def sample_stream(run: RunModels, urls: Sequence[str], views: int, plain: bool, noise: bool, seed: int
-                  ) -> ShardStream:
+def sample_stream(run: RunModels, urls: Sequence[str], views: int, plain: bool, noise: bool, seed: int) -> ShardStream:
     """Every sample of ``urls`` once, in a fixed order, each carrying its shard URL, as
     :class:`~nrd_dist.evaluate.LabelCorrectionViews` (K views, and the plain image with
     ``plain``) drawn from ``(seed, key)``: the images of the run's in-run analysis.
@@ -122,8 +124,9 @@ def sample_stream(run: RunModels, urls: Sequence[str], views: int, plain: bool, 
     policy = build_policy(aug.policy, aug.image_size, aug.resize_size, aug.cutout)
     spec = StreamSpec.from_config(cfg, load_time_noise=noise, expected_counts=manifest_counts(list(urls)))
     spec = dataclasses.replace(spec, seed=seed, storage_options=_without_redacted(cfg.data.storage))
-    return ShardStream(urls, LabelCorrectionViews(policy, views, plain), spec, train=False, per_sample_seed=True,
-                       with_shard=True)
+    return ShardStream(
+        urls, LabelCorrectionViews(policy, views, plain), spec, train=False, per_sample_seed=True, with_shard=True
+    )
 
 
 # ----------------------------------------------------------------------------- the outputs
@@ -167,8 +170,9 @@ class SamplePredictions:
 class _ModeAccumulator:
     """Per-batch pieces of one :class:`ModeOutputs`."""
 
-    parts: dict[str, list[torch.Tensor]] = field(default_factory=lambda: {
-        "log_p_given": [], "log_p_clean": [], "prediction": [], "confidence": []})
+    parts: dict[str, list[torch.Tensor]] = field(
+        default_factory=lambda: {"log_p_given": [], "log_p_clean": [], "prediction": [], "confidence": []}
+    )
     meter: ClassificationMeter = field(default_factory=ClassificationMeter)
 
     def add(self, log_probs: torch.Tensor, given: torch.Tensor, clean: torch.Tensor) -> None:
@@ -199,8 +203,9 @@ def _log_probs(model: nn.Module, images: torch.Tensor, device: torch.device, chu
     return torch.cat([class_log_probs(model(part.to(device, non_blocking=True))).cpu() for part in images.split(chunk)])
 
 
-def _predict_batch(run: RunModels, batch: dict[str, Any], accumulators: dict[str, dict[str, _ModeAccumulator]],
-                   chunk: int) -> None:
+def _predict_batch(
+    run: RunModels, batch: dict[str, Any], accumulators: dict[str, dict[str, _ModeAccumulator]], chunk: int
+) -> None:
     """Every model of ``run`` on one batch: the plain image (when the batch has it) and
     the K-view ensemble (:func:`~nrd_dist.evaluate.view_ensemble`)."""
     images, given, clean = batch["image"], batch["label"], batch["clean_label"]
@@ -222,9 +227,11 @@ def _check_clean_labels(batch: dict[str, Any]) -> None:
     missing = (batch["clean_label"] < 0).nonzero()
     if len(missing):
         i = int(missing[0])
-        raise ShardError(f"shard {batch['shard'][i]!r}: sample {batch['key'][i]!r} has no clean label "
-                         f"(.clean.cls); this needs training shards with clean labels (made noisy by "
-                         f"tools/inject_noise.py, or clean shards and a run with load-time data.noise)")
+        raise ShardError(
+            f"shard {batch['shard'][i]!r}: sample {batch['key'][i]!r} has no clean label "
+            f"(.clean.cls); this needs training shards with clean labels (made noisy by "
+            f"tools/inject_noise.py, or clean shards and a run with load-time data.noise)"
+        )
 
 
 def _progress_bar(stream: ShardStream, max_samples: Optional[int], progress: bool):
@@ -234,16 +241,33 @@ def _progress_bar(stream: ShardStream, max_samples: Optional[int], progress: boo
     total = sum(stream.spec.expected_counts.get(url, 0) for url in stream.urls) or None
     if max_samples is not None:
         total = min(total or max_samples, max_samples)
-    return tqdm(total=total, desc="predicting", unit="sample", dynamic_ncols=True, leave=False, file=sys.stderr,
-                disable=not (progress and sys.stderr.isatty()), mininterval=0.5)
+    return tqdm(
+        total=total,
+        desc="predicting",
+        unit="sample",
+        dynamic_ncols=True,
+        leave=False,
+        file=sys.stderr,
+        disable=not (progress and sys.stderr.isatty()),
+        mininterval=0.5,
+    )
 
 
 @torch.inference_mode()
-def predict_samples(run: RunModels, urls: Sequence[str], views: int, plain: bool = True, noise: bool = True,
-                    seed: Optional[int] = None, batch_size: Optional[int] = None, workers: Optional[int] = None,
-                    max_samples: Optional[int] = None, require_clean: bool = False, progress: bool = True,
-                    warn: Callable[[str], None] = lambda m: print(f"warning: {m}", file=sys.stderr)
-                    ) -> SamplePredictions:
+def predict_samples(
+    run: RunModels,
+    urls: Sequence[str],
+    views: int,
+    plain: bool = True,
+    noise: bool = True,
+    seed: Optional[int] = None,
+    batch_size: Optional[int] = None,
+    workers: Optional[int] = None,
+    max_samples: Optional[int] = None,
+    require_clean: bool = False,
+    progress: bool = True,
+    warn: Callable[[str], None] = lambda m: print(f"warning: {m}", file=sys.stderr),
+) -> SamplePredictions:
     """Predict every sample of ``urls`` (shard URLs, expanded) with every model of ``run``.
 
     ``views``: K >= 1 AugMix views per sample; ``plain``: also predict the eval image;
@@ -263,8 +287,13 @@ def predict_samples(run: RunModels, urls: Sequence[str], views: int, plain: bool
     seed = cfg.run.seed if seed is None else seed
     batch_size = batch_size or cfg.eval.batch_size or 2 * cfg.data.batch_size
     stream = sample_stream(run, urls, views, plain, noise, seed)
-    loader = make_loader(stream, batch_size, cfg.data.workers if workers is None else workers, drop_last=False,
-                         pin_memory=run.device.type == "cuda")
+    loader = make_loader(
+        stream,
+        batch_size,
+        cfg.data.workers if workers is None else workers,
+        drop_last=False,
+        pin_memory=run.device.type == "cuda",
+    )
     modes = ([PLAIN] if plain else []) + [VIEWS]
     accumulators = {name: {mode: _ModeAccumulator() for mode in modes} for name in run.models}
     keys: list[str] = []
@@ -291,8 +320,9 @@ def predict_samples(run: RunModels, urls: Sequence[str], views: int, plain: bool
     if not keys:
         raise ShardError(f"no samples read from {list(urls)!r}")
     outputs = {name: {mode: acc.result() for mode, acc in modes.items()} for name, modes in accumulators.items()}
-    return SamplePredictions(keys, shards, torch.cat(given).numpy(), torch.cat(clean).numpy(), outputs, views, seed,
-                             stream.spec.noise)
+    return SamplePredictions(
+        keys, shards, torch.cat(given).numpy(), torch.cat(clean).numpy(), outputs, views, seed, stream.spec.noise
+    )
 
 
 # ----------------------------------------------------------------------------- the command line
@@ -303,40 +333,74 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("run_dir", type=Path, help="a run's output_dir (config.yaml, checkpoints/)")
     parser.add_argument("--checkpoint", default=None, metavar="NAME", help=CHECKPOINT_HELP)
     parser.add_argument("--views", type=int, default=10, metavar="K", help="AugMix teacher views per sample (10)")
-    parser.add_argument("--shards", default=None, metavar="URL",
-                        help="training shards: URL, brace pattern or glob (default: the run's data.train)")
-    parser.add_argument("--noise", choices=["run", "none"], default="run",
-                        help="labels: as the run saw them, its load-time data.noise applied (run, the default), "
-                             "or the shards' own .cls labels (none)")
-    parser.add_argument("--max-samples", type=int, default=None, metavar="N",
-                        help="only the first N samples (default: all)")
-    parser.add_argument("--batch-size", type=int, default=None, metavar="B",
-                        help="samples per batch and images per forward (default: eval.batch_size or "
-                             "2 x data.batch_size)")
+    parser.add_argument(
+        "--shards",
+        default=None,
+        metavar="URL",
+        help="training shards: URL, brace pattern or glob (default: the run's data.train)",
+    )
+    parser.add_argument(
+        "--noise",
+        choices=["run", "none"],
+        default="run",
+        help="labels: as the run saw them, its load-time data.noise applied (run, the default), "
+        "or the shards' own .cls labels (none)",
+    )
+    parser.add_argument(
+        "--max-samples", type=int, default=None, metavar="N", help="only the first N samples (default: all)"
+    )
+    parser.add_argument(
+        "--batch-size",
+        type=int,
+        default=None,
+        metavar="B",
+        help="samples per batch and images per forward (default: eval.batch_size or 2 x data.batch_size)",
+    )
     parser.add_argument("--workers", type=int, default=None, help="DataLoader workers (default: data.workers)")
     parser.add_argument("--device", default="auto", help="auto (cuda when available, else cpu), cpu, cuda, cuda:1 ...")
-    parser.add_argument("--seed", type=int, default=None,
-                        help="seed of the views, drawn per sample from (seed, key) (default: run.seed)")
+    parser.add_argument(
+        "--seed",
+        type=int,
+        default=None,
+        help="seed of the views, drawn per sample from (seed, key) (default: run.seed)",
+    )
 
 
-def predict_from_args(args: argparse.Namespace, which: str, plain: bool, require_clean: bool
-                      ) -> tuple[RunModels, list[str], SamplePredictions]:
+def predict_from_args(
+    args: argparse.Namespace, which: str, plain: bool, require_clean: bool
+) -> tuple[RunModels, list[str], SamplePredictions]:
     """Load the run named by ``args`` and run :func:`predict_samples` over its shards."""
     run = load_run(args.run_dir, which, resolve_device(args.device), args.checkpoint)
     data = run.cfg.data
     storage.configure(_without_redacted(data.storage), data.retries, data.retry_backoff_s)
     urls = expand_urls(args.shards if args.shards else data.train, "--shards" if args.shards else "data.train")
-    predictions = predict_samples(run, urls, args.views, plain=plain, noise=args.noise == "run", seed=args.seed,
-                                  batch_size=args.batch_size, workers=args.workers, max_samples=args.max_samples,
-                                  require_clean=require_clean)
+    predictions = predict_samples(
+        run,
+        urls,
+        args.views,
+        plain=plain,
+        noise=args.noise == "run",
+        seed=args.seed,
+        batch_size=args.batch_size,
+        workers=args.workers,
+        max_samples=args.max_samples,
+        require_clean=require_clean,
+    )
     return run, urls, predictions
 
 
 def describe(run: RunModels, urls: Sequence[str], predictions: SamplePredictions) -> dict[str, Any]:
     """What a pass was over, for the tools' JSON outputs."""
-    return {"run_dir": str(run.run_dir), "checkpoint": run.checkpoint.name, "shards": list(urls),
-            "samples": len(predictions.keys), "views": predictions.views, "view_seed": predictions.seed,
-            "load_time_noise": predictions.noise, "device": str(run.device)}
+    return {
+        "run_dir": str(run.run_dir),
+        "checkpoint": run.checkpoint.name,
+        "shards": list(urls),
+        "samples": len(predictions.keys),
+        "views": predictions.views,
+        "view_seed": predictions.seed,
+        "load_time_noise": predictions.noise,
+        "device": str(run.device),
+    }
 
 
 def finite_or_none(value: float) -> Optional[float]:

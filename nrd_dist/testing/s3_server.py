@@ -16,8 +16,12 @@ from nrd_dist.testing.processes import free_port, kill_tree, read_tail
 
 # Credentials for the loopback S3 server only; moto accepts any pair unless told to
 # enforce IAM. AWS_EC2_METADATA_DISABLED keeps botocore off 169.254.169.254.
-S3_ENV = {"AWS_ACCESS_KEY_ID": "nrd-test-key-id", "AWS_SECRET_ACCESS_KEY": "nrd-test-secret-do-not-log",
-          "AWS_DEFAULT_REGION": "us-east-1", "AWS_EC2_METADATA_DISABLED": "true"}
+S3_ENV = {
+    "AWS_ACCESS_KEY_ID": "nrd-test-key-id",
+    "AWS_SECRET_ACCESS_KEY": "nrd-test-secret-do-not-log",
+    "AWS_DEFAULT_REGION": "us-east-1",
+    "AWS_EC2_METADATA_DISABLED": "true",
+}
 
 
 class S3Server:
@@ -33,15 +37,22 @@ class S3Server:
         self.port = free_port()
         self.endpoint = f"http://127.0.0.1:{self.port}"
         self.env = {**S3_ENV, "AWS_ENDPOINT_URL": self.endpoint}
-        self.storage_options = {"endpoint_url": self.endpoint, "key": S3_ENV["AWS_ACCESS_KEY_ID"],
-                                "secret": S3_ENV["AWS_SECRET_ACCESS_KEY"]}
+        self.storage_options = {
+            "endpoint_url": self.endpoint,
+            "key": S3_ENV["AWS_ACCESS_KEY_ID"],
+            "secret": S3_ENV["AWS_SECRET_ACCESS_KEY"],
+        }
         self.proc: Optional[subprocess.Popen] = None
 
     def start(self, extra_env: Optional[dict] = None) -> "S3Server":
         log = open(self.log_path, "a")
-        self.proc = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(self.port)],
-                                     stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
-                                     env={**os.environ, **S3_ENV, **(extra_env or {})})
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(self.port)],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+            env={**os.environ, **S3_ENV, **(extra_env or {})},
+        )
         log.close()
         deadline = time.time() + 60
         while True:

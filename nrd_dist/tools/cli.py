@@ -22,9 +22,13 @@ COMMAND_LINE_NOISE_TYPES = [t for t in NOISE_TYPES if t not in ("none", "matrix"
 
 
 def add_storage_argument(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--storage-options", default=None, metavar="JSON",
-                        help='fsspec options for remote URLs, e.g. \'{"endpoint_url": "http://host:9000"}\' '
-                        "(default: the AWS environment)")
+    parser.add_argument(
+        "--storage-options",
+        default=None,
+        metavar="JSON",
+        help='fsspec options for remote URLs, e.g. \'{"endpoint_url": "http://host:9000"}\' '
+        "(default: the AWS environment)",
+    )
 
 
 def parse_storage_options(text: Optional[str]) -> dict[str, Any]:
@@ -63,15 +67,27 @@ def add_noise_arguments(parser: argparse.ArgumentParser, required: bool = False)
     must be given and the type is checked here. Otherwise (make_shards) no
     ``--noise-type`` means no noise, and ``apply_noise`` checks the spec when it is used.
     """
-    parser.add_argument("--noise-type", default=None, required=required,
-                        choices=COMMAND_LINE_NOISE_TYPES if required else None,
-                        help=f"label noise to bake in: {', '.join(COMMAND_LINE_NOISE_TYPES)}")
-    parser.add_argument("--noise-rate", type=float, default=None if required else 0.0, required=required,
-                        help="probability that a sample's label is resampled")
+    parser.add_argument(
+        "--noise-type",
+        default=None,
+        required=required,
+        choices=COMMAND_LINE_NOISE_TYPES if required else None,
+        help=f"label noise to bake in: {', '.join(COMMAND_LINE_NOISE_TYPES)}",
+    )
+    parser.add_argument(
+        "--noise-rate",
+        type=float,
+        default=None if required else 0.0,
+        required=required,
+        help="probability that a sample's label is resampled",
+    )
     parser.add_argument("--noise-seed", type=int, default=0, help="seed of the noise (default 0)")
-    parser.add_argument("--noise-map", default=None,
-                        help=f"map of the asymmetric kinds: {', '.join(NAMED_MAPS)} or YAML such as '{{0: 2, 6: 0}}' "
-                             "(asymmetric_sequential applies its pairs in the order written)")
+    parser.add_argument(
+        "--noise-map",
+        default=None,
+        help=f"map of the asymmetric kinds: {', '.join(NAMED_MAPS)} or YAML such as '{{0: 2, 6: 0}}' "
+        "(asymmetric_sequential applies its pairs in the order written)",
+    )
 
 
 def noise_spec_from_args(args: argparse.Namespace) -> Optional[dict[str, Any]]:

@@ -62,8 +62,7 @@ def load_image(path: str, resize_shorter: Optional[int], jpeg_quality: int) -> L
                 out = out.resize(target, Image.Resampling.LANCZOS)
             buffer = io.BytesIO()
             out.save(buffer, format="JPEG", quality=jpeg_quality)
-            return Loaded("jpg", buffer.getvalue(), resized=target is not None,
-                          reencoded=target is None)
+            return Loaded("jpg", buffer.getvalue(), resized=target is not None, reencoded=target is None)
     except Exception as err:  # noqa: BLE001 - PIL raises many types for a bad file
         return Loaded(error=f"cannot decode image ({type(err).__name__}: {err})")
 
@@ -101,9 +100,10 @@ class Decoder:
         submitted = 0
         while submitted < len(indices) or pending:
             while len(pending) < self.window and submitted < len(indices):
-                chunk = [self.source.files[i] for i in indices[submitted:submitted + self.CHUNK]]
-                pending.append(self.pool.apply_async(
-                    _load_chunk, (chunk, self.opts.resize_shorter, self.opts.jpeg_quality)))
+                chunk = [self.source.files[i] for i in indices[submitted : submitted + self.CHUNK]]
+                pending.append(
+                    self.pool.apply_async(_load_chunk, (chunk, self.opts.resize_shorter, self.opts.jpeg_quality))
+                )
                 submitted += len(chunk)
             yield from pending.popleft().get()
 

@@ -72,8 +72,9 @@ def _read_labels(path: str, url: str, entry: dict[str, Any], num_classes: int):
             had_clean.append("clean.cls" in fields)
         reader.drain()
     if entry.get("sha256") and reader.sha256.hexdigest() != entry["sha256"]:
-        raise ValueError(f"{url}: sha256 differs from the source manifest; the source is damaged "
-                         "(tools/verify_shards.py tells more)")
+        raise ValueError(
+            f"{url}: sha256 differs from the source manifest; the source is damaged (tools/verify_shards.py tells more)"
+        )
     if entry.get("count") is not None and len(keys) != entry["count"]:
         raise ValueError(f"{url}: holds {len(keys)} samples, the source manifest says {entry['count']}")
     return keys, np.asarray(clean, dtype=np.int64), had_clean
@@ -121,8 +122,14 @@ def _prepare_out(out: Location, force: bool) -> list[str]:
     return existing
 
 
-def inject_noise(src_url: str, out_url: str, noise: dict[str, Any], force: bool = False,
-                 storage_options: Optional[dict[str, Any]] = None, progress: bool = False) -> dict[str, Any]:
+def inject_noise(
+    src_url: str,
+    out_url: str,
+    noise: dict[str, Any],
+    force: bool = False,
+    storage_options: Optional[dict[str, Any]] = None,
+    progress: bool = False,
+) -> dict[str, Any]:
     """Write SRC's shards with ``noise`` baked in to OUT; return OUT's manifest."""
     src = open_location(src_url, storage_options)
     out = open_location(out_url, storage_options)
@@ -139,8 +146,9 @@ def inject_noise(src_url: str, out_url: str, noise: dict[str, Any], force: bool 
     shards, clean_all, noisy_all, clean_from_cls = [], [], [], 0
     with out.staging(".inject_noise-") as staging:
         total = sum(int(s.get("count") or 0) for s in source["shards"])
-        with tqdm(total=total, unit="img", desc="inject_noise", file=sys.stderr,
-                  disable=None if progress else True) as bar:
+        with tqdm(
+            total=total, unit="img", desc="inject_noise", file=sys.stderr, disable=None if progress else True
+        ) as bar:
             for entry in source["shards"]:
                 name, url = entry["name"], src.url(entry["name"])
                 path = src.join(name)
@@ -184,8 +192,11 @@ def inject_noise(src_url: str, out_url: str, noise: dict[str, Any], force: bool 
 
 
 def _parse_args(argv: Optional[list[str]]) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="inject_noise.py", description=__doc__.split("\n\n")[1],
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="inject_noise.py",
+        description=__doc__.split("\n\n")[1],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     parser.add_argument("src", metavar="SRC", help="shard folder with manifest.json (local path or fsspec URL)")
     parser.add_argument("--out", required=True, help="output folder (local path or fsspec URL)")
     add_noise_arguments(parser, required=True)
@@ -199,12 +210,20 @@ def main(argv: Optional[list[str]] = None) -> int:
     args = _parse_args(argv)
 
     def body(options: dict[str, Any]) -> int:
-        manifest = inject_noise(args.src, args.out, noise_spec_from_args(args), args.force, options,
-                                progress=not args.quiet)
-        print(json.dumps({"out": open_location(args.out, options).url(), "num_samples": manifest["num_samples"],
-                          "shards": len(manifest["shards"]),
-                          "realised_noise_rate": manifest["noise_report"]["realised_rate"],
-                          "clean_labels_from_cls": manifest["derived_from"]["clean_labels_from_cls"]}))
+        manifest = inject_noise(
+            args.src, args.out, noise_spec_from_args(args), args.force, options, progress=not args.quiet
+        )
+        print(
+            json.dumps(
+                {
+                    "out": open_location(args.out, options).url(),
+                    "num_samples": manifest["num_samples"],
+                    "shards": len(manifest["shards"]),
+                    "realised_noise_rate": manifest["noise_report"]["realised_rate"],
+                    "clean_labels_from_cls": manifest["derived_from"]["clean_labels_from_cls"],
+                }
+            )
+        )
         return 0
 
     return run_cli(body, args.storage_options)

@@ -137,12 +137,19 @@ class Plan:
     noise: Optional[dict[str, Any]]
     opts: Options
     records: list[dict[str, Any]] = field(default_factory=list)  # shards of an earlier run
-    clear: list[str] = field(default_factory=list)                # --force: to delete first
+    clear: list[str] = field(default_factory=list)  # --force: to delete first
 
 
-def prepare(dataset: str, src: Path, out: str, split: str, shard_size: int = 5000,
-            noise: Optional[dict[str, Any]] = None, force: bool = False,
-            opts: Optional[Options] = None) -> Plan:
+def prepare(
+    dataset: str,
+    src: Path,
+    out: str,
+    split: str,
+    shard_size: int = 5000,
+    noise: Optional[dict[str, Any]] = None,
+    force: bool = False,
+    opts: Optional[Options] = None,
+) -> Plan:
     """Read and check one split's source and its destination; writes nothing."""
     opts = opts or Options()
     source = DATASETS[dataset][0](src, split, opts)
@@ -154,10 +161,17 @@ def prepare(dataset: str, src: Path, out: str, split: str, shard_size: int = 500
     if noise:
         apply_noise([], [], noise, len(source.classes))  # a bad spec fails now, before --force deletes
     files = source.files is not None
-    request = {"format": PROGRESS_FORMAT, "dataset": dataset, "split": split, "shard_size": shard_size,
-               "classes": len(source.classes), "noise": noise, "source_digest": source.digest,
-               "resize_shorter": opts.resize_shorter if files else None,
-               "jpeg_quality": opts.jpeg_quality if files else None}
+    request = {
+        "format": PROGRESS_FORMAT,
+        "dataset": dataset,
+        "split": split,
+        "shard_size": shard_size,
+        "classes": len(source.classes),
+        "noise": noise,
+        "source_digest": source.digest,
+        "resize_shorter": opts.resize_shorter if files else None,
+        "jpeg_quality": opts.jpeg_quality if files else None,
+    }
     output = SplitOutput(open_location(out, opts.storage_options).child(split), split, request)
     plan = Plan(dataset, split, src, source, output, shard_size, noise, opts)
     ours = output.existing()
@@ -167,16 +181,23 @@ def prepare(dataset: str, src: Path, out: str, split: str, shard_size: int = 500
         plan.clear = ours
         return plan
     plan.records = output.recorded_shards()
-    recorded_bad = [BadSample(s["path"], s["reason"], str(src / s["path"]), s.get("index"))
-                    for r in plan.records for s in r.get("skipped", [])]
+    recorded_bad = [
+        BadSample(s["path"], s["reason"], str(src / s["path"]), s.get("index"))
+        for r in plan.records
+        for s in r.get("skipped", [])
+    ]
     if recorded_bad and not opts.skip_bad:
         raise BadDataError(recorded_bad, what, note=f" (recorded in {output.location.url(output.progress_name)})")
     return plan
 
 
 def _skipped_entry(source: Source, bad: BadSample) -> dict[str, Any]:
-    return {"key": source.keys[bad.index] if bad.index is not None else None,
-            "path": bad.path, "reason": bad.reason, "index": bad.index}
+    return {
+        "key": source.keys[bad.index] if bad.index is not None else None,
+        "path": bad.path,
+        "reason": bad.reason,
+        "index": bad.index,
+    }
 
 
 def write(plan: Plan, progress: bool = True) -> tuple[dict[str, Any], dict[str, int]]:
@@ -202,8 +223,11 @@ def write(plan: Plan, progress: bool = True) -> tuple[dict[str, Any], dict[str, 
             cursor, shard, stream, stream_at = 0, 0, None, -1
             while cursor < len(pending):
                 record = records[shard] if shard < len(records) else None
-                if (record is not None and record.get("first") == cursor
-                        and dest.matches(record["name"], record["bytes"], record["sha256"])):
+                if (
+                    record is not None
+                    and record.get("first") == cursor
+                    and dest.matches(record["name"], record["bytes"], record["sha256"])
+                ):
                     bar.update(record["end"] - cursor)
                     cursor = record["end"]
                     shard += 1
@@ -224,12 +248,18 @@ def write(plan: Plan, progress: bool = True) -> tuple[dict[str, Any], dict[str, 
                     if loaded.error:
                         bad = BadSample(source.paths[index], loaded.error, source.files[index], index)
                         if not opts.skip_bad:
-                            raise BadDataError([bad], f"{plan.dataset} {split} in {plan.src}", note=(
-                                f"; the {shard} shard(s) before it are complete and a rerun resumes"))
+                            raise BadDataError(
+                                [bad],
+                                f"{plan.dataset} {split} in {plan.src}",
+                                note=(f"; the {shard} shard(s) before it are complete and a rerun resumes"),
+                            )
                         skipped.append(_skipped_entry(source, bad))
                         continue
-                    fields = {loaded.ext: loaded.data, "cls": str(int(labels[index])).encode(),
-                              "clean.cls": str(int(source.labels[index])).encode()}
+                    fields = {
+                        loaded.ext: loaded.data,
+                        "cls": str(int(labels[index])).encode(),
+                        "clean.cls": str(int(source.labels[index])).encode(),
+                    }
                     if source.record_paths:
                         fields["path.txt"] = source.paths[index].encode()
                     writer.write(source.keys[index], fields)
@@ -243,10 +273,18 @@ def write(plan: Plan, progress: bool = True) -> tuple[dict[str, Any], dict[str, 
                     break
                 name = output.shard_name(shard)
                 dest.put(staging / infos[0].name, name)
-                record = {"name": name, "count": count, "sha256": infos[0].sha256,
-                          "bytes": infos[0].bytes, "first": first, "end": cursor,
-                          "resized": resized, "reencoded": reencoded, "skipped": skipped}
-                records[shard:shard + 1] = [record]
+                record = {
+                    "name": name,
+                    "count": count,
+                    "sha256": infos[0].sha256,
+                    "bytes": infos[0].bytes,
+                    "first": first,
+                    "end": cursor,
+                    "resized": resized,
+                    "reencoded": reencoded,
+                    "skipped": skipped,
+                }
+                records[shard : shard + 1] = [record]
                 output.save_progress(records, complete=False)
                 shard += 1
                 stats["shards_written"] += 1
@@ -261,8 +299,9 @@ def write(plan: Plan, progress: bool = True) -> tuple[dict[str, Any], dict[str, 
         raise SourceError(f"{plan.dataset} {split} in {plan.src}: no samples left to write")
 
     written = np.asarray([i for r in records for i in _written_indices(r, pending)], dtype=np.int64)
-    skipped = [_skipped_entry(source, b) for b in source.bad] + \
-        [s for r in records for s in r["skipped"]] + tail_skipped
+    skipped = (
+        [_skipped_entry(source, b) for b in source.bad] + [s for r in records for s in r["skipped"]] + tail_skipped
+    )
     skipped = [{k: v for k, v in entry.items() if k != "index"} for entry in skipped]
     manifest = {
         "dataset": plan.dataset,
@@ -278,10 +317,12 @@ def write(plan: Plan, progress: bool = True) -> tuple[dict[str, Any], dict[str, 
         "noise": plan.noise,
         "noise_report": noise_report(source.labels[written], labels[written], num_classes),
         "skipped": {"count": len(skipped), "samples": skipped},
-        "images": {"resize_shorter": output.request["resize_shorter"],
-                   "jpeg_quality": output.request["jpeg_quality"],
-                   "resized": sum(r["resized"] for r in records),
-                   "reencoded": sum(r["reencoded"] for r in records)},
+        "images": {
+            "resize_shorter": output.request["resize_shorter"],
+            "jpeg_quality": output.request["jpeg_quality"],
+            "resized": sum(r["resized"] for r in records),
+            "reencoded": sum(r["reencoded"] for r in records),
+        },
     }
     output.write_if_changed(MANIFEST_NAME, json.dumps(manifest, indent=2) + "\n")
     output.save_progress(records, complete=True)
@@ -290,12 +331,20 @@ def write(plan: Plan, progress: bool = True) -> tuple[dict[str, Any], dict[str, 
 
 def _written_indices(record: dict[str, Any], pending: list[int]) -> list[int]:
     skipped = {s["index"] for s in record["skipped"]}
-    return [i for i in pending[record["first"]:record["end"]] if i not in skipped]
+    return [i for i in pending[record["first"] : record["end"]] if i not in skipped]
 
 
-def make_shards(dataset: str, src: Path, out: Any, split: str, shard_size: int = 5000,
-                noise: Optional[dict[str, Any]] = None, force: bool = False,
-                progress: bool = True, opts: Optional[Options] = None) -> dict[str, Any]:
+def make_shards(
+    dataset: str,
+    src: Path,
+    out: Any,
+    split: str,
+    shard_size: int = 5000,
+    noise: Optional[dict[str, Any]] = None,
+    force: bool = False,
+    progress: bool = True,
+    opts: Optional[Options] = None,
+) -> dict[str, Any]:
     """Shard one split into ``out/{split}/`` (a folder or a URL) and return its manifest."""
     plan = prepare(dataset, Path(src), str(out), split, shard_size, noise, force, opts)
     return write(plan, progress)[0]
@@ -305,33 +354,57 @@ def make_shards(dataset: str, src: Path, out: Any, split: str, shard_size: int =
 
 
 def _parse_args(argv: Optional[list[str]]) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="make_shards.py", description=__doc__.split("\n\n")[0],
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="make_shards.py",
+        description=__doc__.split("\n\n")[0],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     parser.add_argument("dataset", choices=sorted(DATASETS))
-    parser.add_argument("--src", type=Path, help="dataset root in its original layout "
-                        f"(fashion-mnist default: {FASHION_MNIST_DIR})")
-    parser.add_argument("--out", required=True,
-                        help="output folder or fsspec URL (s3://bucket/prefix); each split in OUT/SPLIT/")
+    parser.add_argument(
+        "--src", type=Path, help=f"dataset root in its original layout (fashion-mnist default: {FASHION_MNIST_DIR})"
+    )
+    parser.add_argument(
+        "--out", required=True, help="output folder or fsspec URL (s3://bucket/prefix); each split in OUT/SPLIT/"
+    )
     parser.add_argument("--split", default="all", help="a split of the dataset, or all (default)")
     parser.add_argument("--shard-size", type=int, default=5000, help="samples per shard")
     add_noise_arguments(parser)
-    parser.add_argument("--noise-split", default="train",
-                        help="split(s) that get the noise, comma-separated (default: train only)")
-    parser.add_argument("--classes", type=int, default=None,
-                        help=f"webvision, imagenet-val: keep the first N synsets (default {DEFAULT_WEBVISION_CLASSES})")
-    parser.add_argument("--webvision-info", type=Path, default=None,
-                        help="folder holding WebVision's synsets.txt (and file lists); webvision "
-                             "default SRC/info, required for imagenet-val")
-    parser.add_argument("--devkit", type=Path, default=None,
-                        help="imagenet-val flat layout: the ILSVRC2012_devkit_t12 folder")
-    parser.add_argument("--resize-shorter", type=int, default=None, metavar="PX",
-                        help="file datasets: shrink so the shorter side is PX (never enlarge)")
-    parser.add_argument("--jpeg-quality", type=int, default=90, metavar="Q",
-                        help="JPEG quality when re-encoding (default 90)")
+    parser.add_argument(
+        "--noise-split", default="train", help="split(s) that get the noise, comma-separated (default: train only)"
+    )
+    parser.add_argument(
+        "--classes",
+        type=int,
+        default=None,
+        help=f"webvision, imagenet-val: keep the first N synsets (default {DEFAULT_WEBVISION_CLASSES})",
+    )
+    parser.add_argument(
+        "--webvision-info",
+        type=Path,
+        default=None,
+        help="folder holding WebVision's synsets.txt (and file lists); webvision "
+        "default SRC/info, required for imagenet-val",
+    )
+    parser.add_argument(
+        "--devkit", type=Path, default=None, help="imagenet-val flat layout: the ILSVRC2012_devkit_t12 folder"
+    )
+    parser.add_argument(
+        "--resize-shorter",
+        type=int,
+        default=None,
+        metavar="PX",
+        help="file datasets: shrink so the shorter side is PX (never enlarge)",
+    )
+    parser.add_argument(
+        "--jpeg-quality", type=int, default=90, metavar="Q", help="JPEG quality when re-encoding (default 90)"
+    )
     parser.add_argument("--workers", type=int, default=1, help="decoding processes (output identical for any N)")
     add_storage_argument(parser)
-    parser.add_argument("--skip-bad", action="store_true",
-                        help="skip unreadable/missing/mislabelled/duplicate samples (listed in the manifest)")
+    parser.add_argument(
+        "--skip-bad",
+        action="store_true",
+        help="skip unreadable/missing/mislabelled/duplicate samples (listed in the manifest)",
+    )
     parser.add_argument("--force", action="store_true", help="overwrite shards of a different request")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
     return parser.parse_args(argv)
@@ -351,10 +424,16 @@ def _options(args: argparse.Namespace) -> Options:
         raise ValueError(f"--jpeg-quality must lie in [1, 100], got {args.jpeg_quality}")
     if args.workers < 1:
         raise ValueError(f"--workers must be >= 1, got {args.workers}")
-    return Options(classes=args.classes, webvision_info=args.webvision_info, devkit=args.devkit,
-                   resize_shorter=args.resize_shorter, jpeg_quality=args.jpeg_quality,
-                   workers=args.workers, skip_bad=args.skip_bad,
-                   storage_options=parse_storage_options(args.storage_options))
+    return Options(
+        classes=args.classes,
+        webvision_info=args.webvision_info,
+        devkit=args.devkit,
+        resize_shorter=args.resize_shorter,
+        jpeg_quality=args.jpeg_quality,
+        workers=args.workers,
+        skip_bad=args.skip_bad,
+        storage_options=parse_storage_options(args.storage_options),
+    )
 
 
 def main(argv: Optional[list[str]] = None) -> int:
@@ -377,15 +456,34 @@ def main(argv: Optional[list[str]] = None) -> int:
     try:
         opts = _options(args)
         # Read and check every split (and its destination) before writing any.
-        plans = [prepare(args.dataset, src, args.out, split, args.shard_size,
-                         noise if split in args.noise_split.split(",") else None, args.force, opts)
-                 for split in wanted]
+        plans = [
+            prepare(
+                args.dataset,
+                src,
+                args.out,
+                split,
+                args.shard_size,
+                noise if split in args.noise_split.split(",") else None,
+                args.force,
+                opts,
+            )
+            for split in wanted
+        ]
         for plan in plans:
             manifest, stats = write(plan, progress=not args.quiet)
-            print(json.dumps({"split": plan.split, "out": plan.output.location.url(),
-                              "num_samples": manifest["num_samples"], "shards": len(manifest["shards"]),
-                              **stats, "skipped": manifest["skipped"]["count"],
-                              "realised_noise_rate": manifest["noise_report"]["realised_rate"]}))
+            print(
+                json.dumps(
+                    {
+                        "split": plan.split,
+                        "out": plan.output.location.url(),
+                        "num_samples": manifest["num_samples"],
+                        "shards": len(manifest["shards"]),
+                        **stats,
+                        "skipped": manifest["skipped"]["count"],
+                        "realised_noise_rate": manifest["noise_report"]["realised_rate"],
+                    }
+                )
+            )
     except (SourceError, FileExistsError, ValueError) as err:
         print(storage.redact(f"error: {err}", opts.storage_options if opts else {}), file=sys.stderr)
         return 2

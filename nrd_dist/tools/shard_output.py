@@ -45,8 +45,7 @@ class SplitOutput:
 
     def existing(self) -> list[str]:
         """The names in the folder that this tool writes (shards, manifest, progress record)."""
-        return [n for n in self.location.names()
-                if self._is_shard(n) or n in (MANIFEST_NAME, self.progress_name)]
+        return [n for n in self.location.names() if self._is_shard(n) or n in (MANIFEST_NAME, self.progress_name)]
 
     def recorded_shards(self) -> list[dict[str, Any]]:
         """The shards an earlier run of this same request recorded. Raises
@@ -55,16 +54,25 @@ class SplitOutput:
         text = self.location.read_text(self.progress_name)
         progress = json.loads(text) if text else None
         if progress is None or progress.get("fingerprint") != self.fingerprint:
-            why = (f"no {self.progress_name} records how they were made" if progress is None
-                   else _describe_change(progress.get("request", {}), self.request))
-            raise FileExistsError(f"{self.location.url()} already holds shards of another request ({why}); "
-                                  "pass --force to overwrite")
+            why = (
+                f"no {self.progress_name} records how they were made"
+                if progress is None
+                else _describe_change(progress.get("request", {}), self.request)
+            )
+            raise FileExistsError(
+                f"{self.location.url()} already holds shards of another request ({why}); pass --force to overwrite"
+            )
         return progress.get("shards", [])
 
     def save_progress(self, records: list[dict[str, Any]], complete: bool) -> None:
         """Record the finished shards; the complete record is rewritten only if it changed."""
-        text = json.dumps({"fingerprint": self.fingerprint, "request": self.request, "complete": complete,
-                           "shards": records}, indent=1) + "\n"
+        text = (
+            json.dumps(
+                {"fingerprint": self.fingerprint, "request": self.request, "complete": complete, "shards": records},
+                indent=1,
+            )
+            + "\n"
+        )
         if complete:
             self.write_if_changed(self.progress_name, text)
         else:
@@ -85,7 +93,10 @@ class SplitOutput:
 
 
 def _describe_change(old: dict[str, Any], new: dict[str, Any]) -> str:
-    changed = [f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in sorted(set(old) | set(new))
-               if old.get(k) != new.get(k)]
-    return "; ".join(c if not c.startswith("source_digest") else "the source listing changed"
-                     for c in changed) or "same request, different format"
+    changed = [
+        f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in sorted(set(old) | set(new)) if old.get(k) != new.get(k)
+    ]
+    return (
+        "; ".join(c if not c.startswith("source_digest") else "the source listing changed" for c in changed)
+        or "same request, different format"
+    )

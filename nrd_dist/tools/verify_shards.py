@@ -78,8 +78,9 @@ def _label(sample: dict[str, Any], suffix: str) -> Optional[int]:
         raise ValueError(f".{suffix} is not an integer ({sample[suffix][:20]!r})") from None
 
 
-def _deep_check_sample(key: str, members: list[tuple[str, bytes]], url: str, state: DeepState,
-                       problem: Callable[[str], None]) -> None:
+def _deep_check_sample(
+    key: str, members: list[tuple[str, bytes]], url: str, state: DeepState, problem: Callable[[str], None]
+) -> None:
     from nrd_dist.data.shards import IMAGE_EXTENSIONS, ShardError, decode_sample  # torch: only for --deep
 
     where = f"{url}: sample {key!r}"
@@ -94,8 +95,11 @@ def _deep_check_sample(key: str, members: list[tuple[str, bytes]], url: str, sta
         if label is None:
             problem(f"{where}: no .cls label")
         else:
-            bad = [f"{name} {value}" for name, value in (("label", label), ("clean label", clean))
-                   if value is not None and not 0 <= value < state.num_classes]
+            bad = [
+                f"{name} {value}"
+                for name, value in (("label", label), ("clean label", clean))
+                if value is not None and not 0 <= value < state.num_classes
+            ]
             if bad:
                 problem(f"{where}: {' and '.join(bad)} out of range [0, {state.num_classes})")
             else:
@@ -123,8 +127,13 @@ def _deep_check_sample(key: str, members: list[tuple[str, bytes]], url: str, sta
             problem(f"{where}: the training loader cannot decode it ({err})")
 
 
-def check_shard(location: Location, entry: dict[str, Any], problem: Callable[[str], None],
-                deep: Optional[DeepState] = None, on_read: Optional[Callable[[int], Any]] = None) -> int:
+def check_shard(
+    location: Location,
+    entry: dict[str, Any],
+    problem: Callable[[str], None],
+    deep: Optional[DeepState] = None,
+    on_read: Optional[Callable[[int], Any]] = None,
+) -> int:
     """Check one manifest entry; report each problem; return the samples actually read."""
     name = entry["name"]
     url = location.url(name)
@@ -163,8 +172,13 @@ def check_shard(location: Location, entry: dict[str, Any], problem: Callable[[st
     return count
 
 
-def _check_totals(location: Location, manifest: dict[str, Any], counted: int,
-                  deep: Optional[DeepState], problem: Callable[[str], None]) -> None:
+def _check_totals(
+    location: Location,
+    manifest: dict[str, Any],
+    counted: int,
+    deep: Optional[DeepState],
+    problem: Callable[[str], None],
+) -> None:
     url = location.url(MANIFEST_NAME)
     listed = sum(int(s.get("count") or 0) for s in manifest["shards"])
     expected = manifest.get("num_samples")
@@ -197,8 +211,13 @@ class VerifyResult:
     samples: int  # read from the shards
 
 
-def verify(url: str, deep: bool = False, storage_options: Optional[dict[str, Any]] = None,
-           progress: bool = False, report: Callable[[str], None] = print) -> VerifyResult:
+def verify(
+    url: str,
+    deep: bool = False,
+    storage_options: Optional[dict[str, Any]] = None,
+    progress: bool = False,
+    report: Callable[[str], None] = print,
+) -> VerifyResult:
     """Check the shard folder at ``url``; ``report`` each problem line as it is found.
     Raises :class:`StorageError` when nothing can be checked."""
     location = open_location(url, storage_options)
@@ -207,8 +226,9 @@ def verify(url: str, deep: bool = False, storage_options: Optional[dict[str, Any
     if deep:
         num_classes = manifest.get("num_classes")
         if not isinstance(num_classes, int) or num_classes < 1:
-            raise StorageError(f"{location.url(MANIFEST_NAME)}: --deep needs an integer num_classes, "
-                               f"got {num_classes!r}")
+            raise StorageError(
+                f"{location.url(MANIFEST_NAME)}: --deep needs an integer num_classes, got {num_classes!r}"
+            )
         state = DeepState(num_classes)
     problems: list[str] = []
 
@@ -227,8 +247,9 @@ def verify(url: str, deep: bool = False, storage_options: Optional[dict[str, Any
         problem(f"{location.url(name)}: listed more than once in the manifest")
     total = sum(int(s.get("bytes") or 0) for s in manifest["shards"])
     counted = 0
-    with tqdm(total=total, unit="B", unit_scale=True, desc="verify", file=sys.stderr,
-              disable=None if progress else True) as bar:
+    with tqdm(
+        total=total, unit="B", unit_scale=True, desc="verify", file=sys.stderr, disable=None if progress else True
+    ) as bar:
         for entry in manifest["shards"]:
             counted += check_shard(location, entry, problem, state, bar.update)
     _check_totals(location, manifest, counted, state, problem)
@@ -236,11 +257,15 @@ def verify(url: str, deep: bool = False, storage_options: Optional[dict[str, Any
 
 
 def _parse_args(argv: Optional[list[str]]) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="verify_shards.py", description=__doc__.split("\n\n")[1],
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="verify_shards.py",
+        description=__doc__.split("\n\n")[1],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     parser.add_argument("url", metavar="DIR_OR_URL", help="shard folder holding manifest.json (local or fsspec URL)")
-    parser.add_argument("--deep", action="store_true",
-                        help="also decode every image and check labels, key uniqueness and class counts")
+    parser.add_argument(
+        "--deep", action="store_true", help="also decode every image and check labels, key uniqueness and class counts"
+    )
     add_storage_argument(parser)
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
     return parser.parse_args(argv)

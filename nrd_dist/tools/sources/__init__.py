@@ -15,8 +15,18 @@ from nrd_dist.tools.sources.files import folder
 from nrd_dist.tools.sources.imagenet import imagenet_val
 from nrd_dist.tools.sources.webvision import DEFAULT_WEBVISION_CLASSES, webvision
 
-__all__ = ["BadDataError", "BadSample", "CLASS_SELECTING", "DATASETS", "DEFAULT_WEBVISION_CLASSES",
-           "FASHION_MNIST_DIR", "Options", "PROGRESS_FORMAT", "Source", "SourceError"]
+__all__ = [
+    "BadDataError",
+    "BadSample",
+    "CLASS_SELECTING",
+    "DATASETS",
+    "DEFAULT_WEBVISION_CLASSES",
+    "FASHION_MNIST_DIR",
+    "Options",
+    "PROGRESS_FORMAT",
+    "Source",
+    "SourceError",
+]
 
 DATASETS: dict[str, tuple[Callable[[Path, str, Options], Source], list[str], Optional[str]]] = {
     # name: (reader, splits, default --src)

@@ -17,8 +17,18 @@ from PIL import Image
 from nrd_dist.tools.sources.base import Options, Source, SourceError, split_keys
 
 FASHION_MNIST_DIR = "/usr/share/datasets/fashion-mnist"
-FASHION_MNIST_CLASSES = ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat",
-                         "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot"]
+FASHION_MNIST_CLASSES = [
+    "T-shirt/top",
+    "Trouser",
+    "Pullover",
+    "Dress",
+    "Coat",
+    "Sandal",
+    "Shirt",
+    "Sneaker",
+    "Bag",
+    "Ankle boot",
+]
 
 
 def _read_idx(path: Path, expected_ndim: int) -> np.ndarray:
@@ -37,12 +47,11 @@ def _read_idx(path: Path, expected_ndim: int) -> np.ndarray:
         raise SourceError(f"{found}: too short to be an idx file")
     zero, dtype_code, ndim = struct.unpack(">HBB", data[:4])
     if zero != 0 or dtype_code != 0x08 or ndim != expected_ndim:
-        raise SourceError(f"{found}: not an idx uint8 file with {expected_ndim} dimensions "
-                          f"(magic {data[:4].hex()})")
+        raise SourceError(f"{found}: not an idx uint8 file with {expected_ndim} dimensions (magic {data[:4].hex()})")
     if len(data) < 4 + 4 * ndim:
         raise SourceError(f"{found}: header truncated ({len(data)} bytes)")
-    dims = struct.unpack(f">{ndim}I", data[4:4 + 4 * ndim])
-    body = data[4 + 4 * ndim:]
+    dims = struct.unpack(f">{ndim}I", data[4 : 4 + 4 * ndim])
+    body = data[4 + 4 * ndim :]
     expected = int(np.prod(dims))
     if len(body) != expected:
         raise SourceError(f"{found}: header says {dims} ({expected} bytes) but holds {len(body)} bytes")
@@ -55,21 +64,27 @@ def _png(array: np.ndarray) -> bytes:
     return buffer.getvalue()
 
 
-def _array_source(images: np.ndarray, labels: np.ndarray, classes: list[str], split: str,
-                  what: str) -> Source:
+def _array_source(images: np.ndarray, labels: np.ndarray, classes: list[str], split: str, what: str) -> Source:
     if len(images) != len(labels):
         raise SourceError(f"{what}: {len(images)} images but {len(labels)} labels")
     labels = labels.astype(np.int64)
     bad = np.flatnonzero((labels < 0) | (labels >= len(classes)))
     if bad.size:
-        raise SourceError(f"{what}: label {labels[bad[0]]} at index {bad[0]} is out of range "
-                          f"[0, {len(classes)}) ({bad.size} such labels)")
+        raise SourceError(
+            f"{what}: label {labels[bad[0]]} at index {bad[0]} is out of range "
+            f"[0, {len(classes)}) ({bad.size} such labels)"
+        )
     digest = hashlib.sha256()
     digest.update(json.dumps(classes).encode())
     digest.update(np.ascontiguousarray(images).tobytes())
     digest.update(labels.tobytes())
-    return Source(classes, split_keys(split, len(labels)), labels, image=lambda i: ("png", _png(images[i])),
-                  digest=digest.hexdigest())
+    return Source(
+        classes,
+        split_keys(split, len(labels)),
+        labels,
+        image=lambda i: ("png", _png(images[i])),
+        digest=digest.hexdigest(),
+    )
 
 
 def fashion_mnist(src: Path, split: str, opts: Options) -> Source:
@@ -120,8 +135,7 @@ def cifar10(src: Path, split: str, opts: Options) -> Source:
         batch = _unpickle(root / name)
         images.append(_cifar_images(batch, root / name))
         labels.append(np.asarray(batch.get(b"labels", []), dtype=np.int64))
-    return _array_source(np.concatenate(images), np.concatenate(labels), names, split,
-                         f"cifar10 {split} in {root}")
+    return _array_source(np.concatenate(images), np.concatenate(labels), names, split, f"cifar10 {split} in {root}")
 
 
 def cifar100(src: Path, split: str, opts: Options) -> Source:
@@ -129,5 +143,4 @@ def cifar100(src: Path, split: str, opts: Options) -> Source:
     names = [n.decode() for n in _unpickle(root / "meta")[b"fine_label_names"]]
     batch = _unpickle(root / split)
     labels = np.asarray(batch.get(b"fine_labels", []), dtype=np.int64)
-    return _array_source(_cifar_images(batch, root / split), labels, names, split,
-                         f"cifar100 {split} in {root}")
+    return _array_source(_cifar_images(batch, root / split), labels, names, split, f"cifar100 {split} in {root}")

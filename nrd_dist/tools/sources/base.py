@@ -36,8 +36,10 @@ class BadDataError(SourceError):
         lines = [f"  {b.location}: {b.reason}" for b in bad[:MAX_LISTED_ERRORS]]
         if len(bad) > MAX_LISTED_ERRORS:
             lines.append(f"  ... and {len(bad) - MAX_LISTED_ERRORS} more")
-        super().__init__(f"{what}: {len(bad)} bad sample(s); pass --skip-bad to skip them "
-                         f"(they are then listed in the manifest){note}:\n" + "\n".join(lines))
+        super().__init__(
+            f"{what}: {len(bad)} bad sample(s); pass --skip-bad to skip them "
+            f"(they are then listed in the manifest){note}:\n" + "\n".join(lines)
+        )
         self.bad = bad
 
 
@@ -45,7 +47,7 @@ class BadDataError(SourceError):
 class Options:
     """The options of the file datasets (ignored by the in-memory ones, except skip_bad)."""
 
-    classes: Optional[int] = None        # webvision / imagenet-val: keep labels < classes
+    classes: Optional[int] = None  # webvision / imagenet-val: keep labels < classes
     webvision_info: Optional[Path] = None
     devkit: Optional[Path] = None
     resize_shorter: Optional[int] = None
@@ -66,10 +68,10 @@ class Source:
     labels: np.ndarray  # int64 [N], clean labels
     image: Optional[Callable[[int], tuple[str, bytes]]] = None
     files: Optional[list[str]] = None
-    paths: Optional[list[str]] = None      # relative to SRC; written as .path.txt when record_paths
+    paths: Optional[list[str]] = None  # relative to SRC; written as .path.txt when record_paths
     record_paths: bool = False
     bad: list[BadSample] = field(default_factory=list)  # found before decoding
-    digest: str = ""                       # fingerprint of the listing (make_shards: "Resuming")
+    digest: str = ""  # fingerprint of the listing (make_shards: "Resuming")
     extra: dict[str, Any] = field(default_factory=dict)  # dataset-specific manifest fields
 
 

@@ -25,8 +25,15 @@ class Entry:
     where: str = ""  # e.g. "info/train_filelist_google.txt line 7", for messages
 
 
-def file_source(src: Path, split: str, classes: list[str], entries: list[Entry],
-                line_bad: list[BadSample], record_paths: bool, extra: dict[str, Any]) -> Source:
+def file_source(
+    src: Path,
+    split: str,
+    classes: list[str],
+    entries: list[Entry],
+    line_bad: list[BadSample],
+    record_paths: bool,
+    extra: dict[str, Any],
+) -> Source:
     """Keys, existence and duplicate checks and the listing digest for listed files.
 
     ``entries`` are the selected samples in order (each gets a key); ``line_bad`` the
@@ -43,8 +50,15 @@ def file_source(src: Path, split: str, classes: list[str], entries: list[Entry],
         paths.append(entry.path)
         if entry.path in first_seen:
             other = entries[first_seen[entry.path]]
-            bad.append(BadSample(entry.path, f"duplicate of {other.where or keys[first_seen[entry.path]]} "
-                                 f"(labels {other.label} and {entry.label}){where}", str(path), index))
+            bad.append(
+                BadSample(
+                    entry.path,
+                    f"duplicate of {other.where or keys[first_seen[entry.path]]} "
+                    f"(labels {other.label} and {entry.label}){where}",
+                    str(path),
+                    index,
+                )
+            )
             size = -2
         else:
             first_seen[entry.path] = index
@@ -59,8 +73,17 @@ def file_source(src: Path, split: str, classes: list[str], entries: list[Entry],
     for b in line_bad:
         digest.update(f"bad\t{b.path}\t{b.reason}\n".encode())
     labels = np.asarray([e.label for e in entries], dtype=np.int64)
-    return Source(classes, keys, labels, files=files, paths=paths, record_paths=record_paths,
-                  bad=bad, digest=digest.hexdigest(), extra=extra)
+    return Source(
+        classes,
+        keys,
+        labels,
+        files=files,
+        paths=paths,
+        record_paths=record_paths,
+        bad=bad,
+        digest=digest.hexdigest(),
+        extra=extra,
+    )
 
 
 def folder(src: Path, split: str, opts: Options) -> Source:

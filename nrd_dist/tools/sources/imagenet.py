@@ -18,8 +18,7 @@ IMAGENET_EXTENSIONS = {".jpeg", ".jpg", ".png"}
 
 
 def _find_devkit(src: Path, opts: Options) -> Path:
-    candidates = [opts.devkit] if opts.devkit else [src / "ILSVRC2012_devkit_t12",
-                                                    src.parent / "ILSVRC2012_devkit_t12"]
+    candidates = [opts.devkit] if opts.devkit else [src / "ILSVRC2012_devkit_t12", src.parent / "ILSVRC2012_devkit_t12"]
     for candidate in candidates:
         if (candidate / "data").is_dir():
             return candidate
@@ -50,19 +49,19 @@ def read_imagenet_meta(path: Path) -> dict[int, str]:
 
 def imagenet_val(src: Path, split: str, opts: Options) -> Source:
     if opts.webvision_info is None:
-        raise SourceError("imagenet-val needs --webvision-info DIR (the folder holding WebVision's "
-                          "synsets.txt, which fixes the label of each synset)")
+        raise SourceError(
+            "imagenet-val needs --webvision-info DIR (the folder holding WebVision's "
+            "synsets.txt, which fixes the label of each synset)"
+        )
     wnids, descriptions = read_synsets(opts.webvision_info)
     n_classes = selected_classes(opts, wnids, opts.webvision_info / "synsets.txt")
     index_of = {w: i for i, w in enumerate(wnids)}
     if not src.is_dir():
         raise SourceError(f"missing folder: {src}")
-    flat = sorted((p for p in src.iterdir() if p.is_file() and IMAGENET_VAL_RE.match(p.name)),
-                  key=lambda p: p.name)
+    flat = sorted((p for p in src.iterdir() if p.is_file() and IMAGENET_VAL_RE.match(p.name)), key=lambda p: p.name)
     synset_dirs = sorted(p for p in src.iterdir() if p.is_dir() and WNID_RE.match(p.name))
     if flat and synset_dirs:
-        raise SourceError(f"{src} holds both ILSVRC2012_val_*.JPEG files and synset folders; "
-                          "point --src at one layout")
+        raise SourceError(f"{src} holds both ILSVRC2012_val_*.JPEG files and synset folders; point --src at one layout")
     # (image name, relative path, label or None, where/reason) in file-name order
     listed: list[tuple[str, str, int, str]] = []
     line_bad: list[BadSample] = []
@@ -95,14 +94,20 @@ def imagenet_val(src: Path, split: str, opts: Options) -> Source:
             if not re.fullmatch(r"\d+", value):
                 line_bad.append(BadSample(name, f"malformed ground truth {value!r} ({where})", str(src / name)))
             elif int(value) not in meta:
-                line_bad.append(BadSample(name, f"label {value} out of range: not an ILSVRC2012_ID of "
-                                          f"a leaf synset in meta.mat ({where})", str(src / name)))
+                line_bad.append(
+                    BadSample(
+                        name,
+                        f"label {value} out of range: not an ILSVRC2012_ID of a leaf synset in meta.mat ({where})",
+                        str(src / name),
+                    )
+                )
             else:
                 select(name, name, meta[int(value)], where)
         for number, name in sorted(present.items()):
             if number > len(truth):
-                line_bad.append(BadSample(name, f"no ground-truth line ({truth_path} has {len(truth)})",
-                                          str(src / name)))
+                line_bad.append(
+                    BadSample(name, f"no ground-truth line ({truth_path} has {len(truth)})", str(src / name))
+                )
     elif synset_dirs:
         layout = "synset_folders"
         found = []
@@ -116,16 +121,18 @@ def imagenet_val(src: Path, split: str, opts: Options) -> Source:
         raise SourceError(f"{src}: neither ILSVRC2012_val_*.JPEG files nor synset folders (n01440764/ ...)")
 
     entries = [Entry(rel, label, where) for _, rel, label, where in listed]
-    extra = {"class_descriptions": descriptions[:n_classes], "excluded_other_classes": excluded,
-             "layout": layout}
+    extra = {"class_descriptions": descriptions[:n_classes], "excluded_other_classes": excluded, "layout": layout}
     source = file_source(src, split, wnids[:n_classes], entries, line_bad, record_paths=True, extra=extra)
     # The same image in two synset folders is a duplicate (its label is ambiguous).
     seen: dict[str, int] = {}
     for index, (name, rel, label, _) in enumerate(listed):
         if name in seen:
             other = listed[seen[name]]
-            source.bad.append(BadSample(rel, f"duplicate image: also {other[1]} (labels {other[2]} and {label})",
-                                        str(src / rel), index))
+            source.bad.append(
+                BadSample(
+                    rel, f"duplicate image: also {other[1]} (labels {other[2]} and {label})", str(src / rel), index
+                )
+            )
         else:
             seen[name] = index
     return source

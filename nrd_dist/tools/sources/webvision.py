@@ -28,8 +28,7 @@ def read_synsets(info_dir: Path) -> tuple[list[str], list[str]]:
         if not parts or not WNID_RE.match(parts[0]):
             raise SourceError(f"{path} line {number}: expected 'nXXXXXXXX description', got {line!r}")
         if parts[0] in wnids:
-            raise SourceError(f"{path} line {number}: synset {parts[0]} already on line "
-                              f"{wnids.index(parts[0]) + 1}")
+            raise SourceError(f"{path} line {number}: synset {parts[0]} already on line {wnids.index(parts[0]) + 1}")
         wnids.append(parts[0])
         descriptions.append(parts[1] if len(parts) > 1 else "")
     if not wnids:
@@ -67,14 +66,18 @@ def webvision(src: Path, split: str, opts: Options) -> Source:
         where = f"{list_name} line {number}"
         parts = line.strip().rsplit(maxsplit=1)
         if len(parts) != 2 or not re.fullmatch(r"-?\d+", parts[1]):
-            line_bad.append(BadSample(f"{list_name}:{number}", f"malformed line {line!r} (expected "
-                                      "'PATH LABEL')", f"{list_path} line {number}"))
+            line_bad.append(
+                BadSample(
+                    f"{list_name}:{number}",
+                    f"malformed line {line!r} (expected 'PATH LABEL')",
+                    f"{list_path} line {number}",
+                )
+            )
             continue
         rel = f"{image_dir}/{parts[0]}" if image_dir else parts[0]
         label = int(parts[1])
         if not 0 <= label < len(wnids):
-            line_bad.append(BadSample(rel, f"label {label} out of range [0, {len(wnids)}) ({where})",
-                                      str(src / rel)))
+            line_bad.append(BadSample(rel, f"label {label} out of range [0, {len(wnids)}) ({where})", str(src / rel)))
         elif label < n_classes:
             entries.append(Entry(rel, label, where))
         else:
