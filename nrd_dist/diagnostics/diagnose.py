@@ -117,11 +117,11 @@ def plot(predictions: SamplePredictions, out_dir: Path, title: str) -> list[str]
             for mode, out in modes.items()
         }
         names.append(histograms(panels, out_dir / f"log_likelihood_{name}.png", "log p(clean label)", title).name)
-    curves = {
-        f"{name}, {MODE_TITLES[mode].format(k=predictions.views)} (ECE {100 * out.meter.compute()['ece']:.1f}%)": out.meter.reliability()
-        for name, modes in predictions.outputs.items()
-        for mode, out in modes.items()
-    }
+    curves = {}
+    for name, modes in predictions.outputs.items():
+        for mode, out in modes.items():
+            label = f"{name}, {MODE_TITLES[mode].format(k=predictions.views)}"
+            curves[f"{label} (ECE {100 * out.meter.compute()['ece']:.1f}%)"] = out.meter.reliability()
     names.append(reliability_diagram(curves, out_dir / "reliability.png", f"{title}: against clean labels").name)
     return names
 
