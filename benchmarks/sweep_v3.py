@@ -3,6 +3,7 @@
     .venv/bin/python benchmarks/sweep_v3.py run [--jobs N] [--only PREFIX] [--results DIR] [--runs DIR]
     .venv/bin/python benchmarks/sweep_v3.py list
     .venv/bin/python benchmarks/sweep_v3.py reproduce CELL   # retrain one cell, print the difference
+    benchmarks/sweep_v3_background.sh   # the whole sweep in the background, from its own clone
     .venv/bin/python benchmarks/sweep_v3.py table   # RESULTS/README.md, its plots and docs/results/README.md
 
 The protocol (data, budget, EMA regime, grids, selection rule, seeds, what is reported)
