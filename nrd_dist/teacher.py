@@ -209,6 +209,13 @@ class Teacher(nn.Module, abc.ABC):
         return self.load_full_state(state["model"], strict=strict)
 
 
+def teacher_settings(teacher_cfg) -> dict[str, Any]:
+    """The keyword arguments of either teacher class from the config's ``teacher``
+    section (``nrd_dist.config.TeacherConfig``)."""
+    names = ("decay", "warmup_steps", "every", "bn", "ramp", "ramp_power", "ramp_gamma")
+    return {name: getattr(teacher_cfg, name) for name in names}
+
+
 class EMATeacher(Teacher):
     """An exponential moving average of a student model, replicated on every rank.
 

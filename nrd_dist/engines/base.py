@@ -39,7 +39,7 @@ import torch
 from torch import nn
 
 from nrd_dist.config import Config
-from nrd_dist.teacher import EMATeacher, Teacher
+from nrd_dist.teacher import EMATeacher, Teacher, teacher_settings
 
 
 def resolve_precision(requested: str, device: torch.device) -> str:
@@ -114,17 +114,7 @@ class Engine(abc.ABC):
         student taken before :meth:`setup`). Here parameters are replicated on every rank,
         so each rank keeps its own fp32 EMA and they stay identical with no
         communication (checked by :func:`nrd_dist.teacher.verify_teacher`)."""
-        t = self.cfg.teacher
-        return EMATeacher(
-            template,
-            t.decay,
-            t.warmup_steps,
-            t.every,
-            t.bn,
-            ramp=t.ramp,
-            ramp_power=t.ramp_power,
-            ramp_gamma=t.ramp_gamma,
-        )
+        return EMATeacher(template, **teacher_settings(self.cfg.teacher))
 
     def compile(self, *modules: Optional[nn.Module]) -> None:
         """torch.compile in place (nn.Module.compile), after the teacher's copy of the

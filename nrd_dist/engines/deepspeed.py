@@ -43,7 +43,7 @@ from nrd_dist.engines.process_group import (
     communication_backend,
     init_process_group,
 )
-from nrd_dist.teacher import Teacher, matching_precision
+from nrd_dist.teacher import Teacher, matching_precision, teacher_settings
 
 DEEPSPEED_DIR = "deepspeed"  # DeepSpeed's own checkpoint files, under the checkpoint folder
 TAG = "state"  # DeepSpeed's checkpoint tag (its sub-folder)
@@ -117,18 +117,7 @@ class DeepSpeedEngine(ProcessGroupCollectives, Engine):
     def make_teacher(self, template: nn.Module) -> Teacher:
         """ZeRO-3: a teacher partitioned like the student; otherwise the replicated one."""
         if self.cfg.engine.zero_stage == 3:
-            t = self.cfg.teacher
-            return ZeroThreeTeacher(
-                template,
-                self.ds_config(train=False),
-                t.decay,
-                t.warmup_steps,
-                t.every,
-                t.bn,
-                ramp=t.ramp,
-                ramp_power=t.ramp_power,
-                ramp_gamma=t.ramp_gamma,
-            )
+            return ZeroThreeTeacher(template, self.ds_config(train=False), **teacher_settings(self.cfg.teacher))
         return super().make_teacher(template)
 
     def to_device(self, images: torch.Tensor) -> torch.Tensor:
