@@ -192,7 +192,7 @@ def test_config_loads_and_matches_table5(ds, method, i, setting):
     assert (cfg.optim.schedule, cfg.optim.milestones, cfg.optim.gamma) == ("multistep", [0.5, 0.75], 0.1)
     assert cfg.optim.warmup_epochs == 0
     assert (cfg.data.augment.policy, cfg.data.augment.cutout) == ("cifar", 5)
-    assert cfg.engine.backend == "ddp" and cfg.engine.grad_accum_steps == 1
+    assert (cfg.engine.backend, cfg.engine.grad_accum_steps) == ("ddp", 1)
 
     # The same shards as configs/<dataset>.yaml, and a run folder of its own.
     base = load_config(REPO / "configs" / f"{ds}.yaml")
